@@ -1,0 +1,1 @@
+"""tinygpt: a GPT built from first principles in NumPy."""
