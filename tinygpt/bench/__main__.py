@@ -1,0 +1,5 @@
+import sys
+
+from tinygpt.bench import main
+
+sys.exit(main())
