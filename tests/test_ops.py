@@ -1,0 +1,297 @@
+"""Every op: a hypothesis gradient check in float64, dtype kept, broadcasting, clear errors."""
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import tinygpt.functional as F
+from tinygpt import Tensor
+from tinygpt.gradcheck import GradcheckError, gradcheck
+from tests.strategies import arrays, broadcastable_pair, shapes
+
+
+# --- elementwise and binary ops -------------------------------------------------------------------
+
+@given(broadcastable_pair(), st.data())
+def test_binary_ops_broadcast_grad(pair, data):
+    sa, sb = pair
+    a = data.draw(arrays(sa))
+    b = data.draw(arrays(sb, lo=0.5, hi=3.0))          # keep division away from 0
+    for f in (F.add, F.sub, F.mul, F.div):
+        gradcheck(f, a, b)
+
+
+@given(st.data())
+def test_unary_ops_grad(data):
+    x = data.draw(arrays(data.draw(shapes())))
+    gradcheck(F.neg, x)
+    gradcheck(F.exp, x)
+    gradcheck(F.tanh, x)
+    gradcheck(F.gelu, x)
+    gradcheck(lambda t: F.pow(t, 3), x)
+    positive = np.abs(x) + 0.1
+    gradcheck(F.log, positive)
+    gradcheck(F.sqrt, positive)
+    gradcheck(lambda t: F.pow(t, -1.5), positive)
+
+
+@given(st.data())
+def test_relu_grad_away_from_kink(data):
+    x = data.draw(arrays(data.draw(shapes())))
+    assume(np.min(np.abs(x)) > 1e-3)                    # relu has a kink at 0
+    gradcheck(F.relu, x)
+
+
+@given(st.data())
+def test_matmul_grad_batched_broadcast(data):
+    n, k, m = (data.draw(st.integers(1, 4)) for _ in range(3))
+    batch_a = data.draw(st.sampled_from([(), (2,), (1,), (3, 1)]))
+    batch_b = data.draw(st.sampled_from([(), (2,), (1,), (1, 2)]))
+    assume(_broadcasts(batch_a, batch_b))
+    a = data.draw(arrays(batch_a + (n, k)))
+    b = data.draw(arrays(batch_b + (k, m)))
+    gradcheck(F.matmul, a, b)
+
+
+def _broadcasts(a, b):
+    try:
+        np.broadcast_shapes(a, b)
+        return True
+    except ValueError:
+        return False
+
+
+@given(st.data())
+def test_matmul_vector_operands(data):
+    k, m = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    gradcheck(F.matmul, data.draw(arrays((k,))), data.draw(arrays((k, m))))
+    gradcheck(F.matmul, data.draw(arrays((m, k))), data.draw(arrays((k,))))
+
+
+@given(st.data(), st.booleans())
+def test_linear_grad(data, with_bias):
+    lead = data.draw(shapes(min_dims=1, max_dims=2, max_side=3))
+    n_in, n_out = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5))
+    x, w = data.draw(arrays(lead + (n_in,))), data.draw(arrays((n_in, n_out)))
+    if with_bias:
+        gradcheck(F.linear, x, w, data.draw(arrays((n_out,))))
+    else:
+        gradcheck(lambda x, w: F.linear(x, w), x, w)
+
+
+# --- reductions and shape ops -----------------------------------------------------------------------
+
+@given(st.data(), st.booleans())
+def test_reductions_grad(data, keepdims):
+    shape = data.draw(shapes(max_dims=3))
+    x = data.draw(arrays(shape, unique=True))
+    # max has a kink wherever two values are within the finite-difference step of each other
+    assume(x.size == 1 or np.min(np.diff(np.sort(x, axis=None))) > 1e-3)
+    axis = data.draw(st.one_of(st.none(), st.integers(-len(shape), len(shape) - 1)))
+    gradcheck(lambda t: F.sum(t, axis, keepdims), x)
+    gradcheck(lambda t: F.mean(t, axis, keepdims), x)
+    gradcheck(lambda t: F.max(t, axis, keepdims), x)
+
+
+@given(st.data())
+def test_shape_ops_grad(data):
+    shape = data.draw(shapes(min_dims=2, max_dims=4))
+    x = data.draw(arrays(shape))
+    perm = data.draw(st.permutations(range(len(shape))))
+    gradcheck(lambda t: F.permute(t, perm), x)
+    gradcheck(lambda t: F.transpose(t), x)
+    gradcheck(lambda t: F.swapaxes(t, 0, -1), x)
+    gradcheck(lambda t: F.reshape(t, (-1,)), x)
+    gradcheck(lambda t: t.reshape(shape[::-1]) * 2.0, x)
+
+
+@given(st.data())
+def test_getitem_grad_basic_and_integer_arrays(data):
+    shape = data.draw(shapes(min_dims=2, max_dims=3, min_side=2))
+    x = data.draw(arrays(shape))
+    gradcheck(lambda t: t[1:, ::-1], x)
+    gradcheck(lambda t: t[..., 0], x)
+    gradcheck(lambda t: t[None, -1], x)
+    # repeated indices: the backward must add, not overwrite
+    rows = np.array(data.draw(st.lists(st.integers(0, shape[0] - 1), min_size=1, max_size=6)))
+    gradcheck(lambda t: t[rows], x)
+    gradcheck(lambda t: t[rows, 0], x)
+
+
+@given(st.data())
+def test_concatenate_stack_split_grad(data):
+    shape = data.draw(shapes(min_dims=1, max_dims=3, min_side=2))
+    a, b = data.draw(arrays(shape)), data.draw(arrays(shape))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    gradcheck(lambda s, t: F.concatenate([s, t * t], axis=axis), a, b)
+    gradcheck(lambda s, t: F.stack([s, t, s], axis=axis), a, b)
+    n = shape[axis]
+    gradcheck(lambda s: F.concatenate(F.split(s, [1, n - 1], axis=axis)[::-1], axis=axis), a)
+
+
+# --- masking, dropout, embedding ----------------------------------------------------------------------
+
+@given(st.data())
+def test_where_and_masked_fill_grad(data):
+    shape = data.draw(shapes(min_dims=1, max_dims=3))
+    a, b = data.draw(arrays(shape)), data.draw(arrays(shape[-1:]))       # b broadcasts
+    cond = data.draw(arrays(shape)) > 0
+    gradcheck(lambda s, t: F.where(cond, s, t), a, b)
+    gradcheck(lambda s: F.masked_fill(s, cond, -1e9).tanh(), a)
+
+
+@given(st.data(), st.floats(0.0, 0.9))
+def test_dropout_grad_and_statistics(data, p):
+    x = data.draw(arrays(data.draw(shapes())))
+    # the same seed each call, so the mask is a constant of the function
+    gradcheck(lambda t: F.dropout(t, p, np.random.default_rng(7)), x)
+    big = Tensor(np.ones(20000))
+    y = F.dropout(big, p, np.random.default_rng(1)).data
+    assert set(np.unique(y)) <= {0.0, 1.0 / (1.0 - p)}
+    assert abs(np.mean(y == 0) - p) < 0.03
+    assert F.dropout(big, p, None, training=False) is big
+
+
+@given(st.data())
+def test_embedding_grad_with_repeated_ids(data):
+    V, C = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4))
+    w = data.draw(arrays((V, C)))
+    idx = np.array(data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=8))).reshape(1, -1)
+    gradcheck(lambda t: F.embedding(t, idx), w)
+
+
+# --- fused ops -----------------------------------------------------------------------------------------
+
+@given(st.data())
+def test_softmax_log_softmax_grad(data):
+    shape = data.draw(shapes(min_dims=1, max_dims=3))
+    x = data.draw(arrays(shape, lo=-10, hi=10))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    gradcheck(lambda t: F.softmax(t, axis=axis), x)
+    gradcheck(lambda t: F.log_softmax(t, axis=axis), x)
+
+
+@given(st.data())
+def test_layer_norm_grad(data):
+    x = data.draw(arrays(data.draw(shapes(min_dims=2))))
+    assume(np.all(x.std(axis=-1) > 1e-2) or x.shape[-1] == 1)
+    w, b = data.draw(arrays(x.shape[-1:])), data.draw(arrays(x.shape[-1:]))
+    gradcheck(F.layer_norm, x, w, b)
+
+
+@given(st.data(), st.sampled_from(["mean", "sum"]))
+def test_cross_entropy_grad_with_ignore_index(data, reduction):
+    R, V = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 7))
+    logits = data.draw(arrays((R, V), lo=-20, hi=20))
+    targets = np.array(data.draw(st.lists(st.integers(0, V - 1), min_size=R, max_size=R)))
+    ignored = np.array(data.draw(st.lists(st.booleans(), min_size=R, max_size=R)))
+    assume(not ignored.all())
+    targets[ignored] = -100
+    gradcheck(lambda t: F.cross_entropy(t, targets, reduction=reduction), logits)
+    expected = -F.log_softmax(Tensor(logits)).data[~ignored, targets[~ignored]]
+    got = F.cross_entropy(Tensor(logits), targets, reduction=reduction).item()
+    assert np.isclose(got, expected.mean() if reduction == "mean" else expected.sum())
+
+
+@given(st.data())
+def test_causal_attention_grad_and_mask(data):
+    lead = data.draw(st.sampled_from([(1,), (2,), (2, 3)]))
+    Tk, HS = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4))
+    Tq = data.draw(st.integers(1, Tk))                  # Tq < Tk: queries after a KV cache
+    q = data.draw(arrays(lead + (Tq, HS)))
+    k, v = data.draw(arrays(lead + (Tk, HS))), data.draw(arrays(lead + (Tk, HS)))
+    gradcheck(F.causal_attention, q, k, v)
+    # the same thing from unfused ops
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(HS)
+    mask = np.triu(np.ones((Tq, Tk), bool), k=Tk - Tq + 1)
+    ref = F.softmax(Tensor(np.where(mask, -np.inf, scores))).data @ v
+    np.testing.assert_allclose(F.causal_attention(Tensor(q), Tensor(k), Tensor(v)).data, ref,
+                               rtol=1e-10, atol=1e-12)
+
+
+# --- properties beyond gradients ----------------------------------------------------------------------
+
+OPS_1 = [F.neg, F.exp, F.tanh, F.gelu, F.relu, F.softmax, F.log_softmax, lambda t: t.sum(0),
+         lambda t: t.mean(), lambda t: t.max(-1), lambda t: t.T, lambda t: t[0],
+         lambda t: F.pow(t, 2), lambda t: t * 2 + 1 - t / 3, lambda t: F.sqrt(t * t + 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", range(len(OPS_1)))
+def test_ops_keep_dtype(op, dtype):
+    x = Tensor(np.random.default_rng(0).standard_normal((3, 4)).astype(dtype), requires_grad=True)
+    y = OPS_1[op](x)
+    assert y.dtype == dtype
+    y.backward(np.ones(y.shape, dtype))
+    assert x.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_ops_keep_dtype(dtype):
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 3, 4)).astype(dtype), requires_grad=True)
+    w, b = Tensor(np.ones(4, dtype)), Tensor(np.zeros(4, dtype))
+    assert F.layer_norm(x, w, b).dtype == dtype
+    assert F.linear(x, Tensor(np.ones((4, 5), dtype))).dtype == dtype
+    assert F.cross_entropy(x, np.zeros((2, 3), np.int64)).dtype == dtype
+    assert F.causal_attention(x, x, x).dtype == dtype
+
+
+def test_shape_mismatch_errors_name_both_shapes():
+    a, b = Tensor(np.ones((2, 3))), Tensor(np.ones((4,)))
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(4,\)"):
+        a + b
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(4, 5\)"):
+        a @ Tensor(np.ones((4, 5)))
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(5,\)"):
+        F.layer_norm(a, Tensor(np.ones(5)), Tensor(np.ones(5)))
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(3,\)"):
+        F.cross_entropy(a, np.zeros(3, np.int64))
+
+
+def test_bad_targets_and_ids_are_clear_errors():
+    logits = Tensor(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="every target is ignore_index"):
+        F.cross_entropy(logits, np.full(2, -100))
+    with pytest.raises(TypeError, match="integers"):
+        F.cross_entropy(logits, np.zeros(2))
+    with pytest.raises(ValueError, match="7"):
+        F.cross_entropy(logits, np.array([0, 7]))
+    with pytest.raises(IndexError, match="token id 9 .* 5 rows"):
+        F.embedding(logits.T, np.array([9]))
+
+
+def test_gradcheck_catches_a_wrong_backward():
+    class Square(F.__dict__["pow"].__globals__["Function"]):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, dy):
+            (x,) = ctx.saved
+            return (dy * x,)                     # wrong: should be 2 * x * dy
+
+    with pytest.raises(GradcheckError, match="analytic"):
+        gradcheck(Square.apply, np.array([1.0, 2.0]))
+
+
+def test_gradcheck_uses_a_cotangent_not_a_sum():
+    # softmax's backward replaced by zeros passes a sum-based check; the cotangent check fails it
+    class ZeroGradSoftmax(F.__dict__["pow"].__globals__["Function"]):
+        @staticmethod
+        def forward(ctx, x):
+            return F.softmax(Tensor(x)).data
+
+        @staticmethod
+        def backward(ctx, dy):
+            return (np.zeros_like(dy),)
+
+    with pytest.raises(GradcheckError):
+        gradcheck(ZeroGradSoftmax.apply, np.array([[0.1, 0.5, -0.3]]))
+
+
+def test_gradcheck_rejects_nan_inputs():
+    with pytest.raises(ValueError, match="NaN"):
+        gradcheck(F.exp, np.array([1.0, np.nan]))

@@ -1,0 +1,203 @@
+"""Layers: `Module` (parameter discovery, names, train/eval, state dicts) and the GPT-2 building blocks.
+
+Attribute names are GPT-2's checkpoint names (`c_attn`, `c_proj`, `c_fc`, `ln_1`, ...), and
+`Linear.weight` is stored (in, out) and applied as `x @ W + b`, so GPT-2 tensors load under their
+own names with no transposes. Initialisation takes an explicit `np.random.Generator`.
+
+    python -m pytest tests/test_nn.py -q
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import numpy as np
+
+from tinygpt import ops
+from tinygpt.autograd import Tensor, is_grad_enabled
+
+
+class Module:
+    """Base class: finds parameters by walking attributes (Tensors, Modules, lists of Modules)."""
+
+    training: bool = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield f"{name}.{i}", item
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+        """Dotted names such as `h.3.attn.c_attn.weight`; a shared (tied) tensor appears once."""
+        seen: set[int] = set()
+        stack = [(prefix, self)]
+        while stack:
+            path, module = stack.pop(0)
+            for name, value in vars(module).items():
+                if isinstance(value, Tensor) and value.requires_grad and id(value) not in seen:
+                    seen.add(id(value))
+                    yield path + name, value
+            stack[:0] = [(f"{path}{name}.", child) for name, child in module.named_children()]
+
+    def parameters(self) -> list[Tensor]:
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode: bool = True) -> Module:
+        """Dropout on (mode=True) or off, for this module and everything in it."""
+        stack = [self]
+        while stack:
+            module = stack.pop()
+            module.training = mode
+            stack.extend(child for _, child in module.named_children())
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray], strict: bool = True) -> None:
+        """Copy arrays into the parameters by name; one error lists everything that does not fit."""
+        params = dict(self.named_parameters())
+        missing = [f"{n} {p.shape}" for n, p in params.items() if n not in state]
+        unexpected = [f"{n} {np.shape(a)}" for n, a in state.items() if n not in params]
+        misshaped = [f"{n}: expected {params[n].shape}, got {np.shape(a)}"
+                     for n, a in state.items() if n in params and np.shape(a) != params[n].shape]
+        problems = [f"{label} [{', '.join(items)}]" for label, items in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                    if items and (strict or label == "wrong shape")]
+        if problems:
+            raise ValueError("state dict does not fit the model: " + "; ".join(problems))
+        for name, array in state.items():
+            if name in params:
+                p = params[name]
+                p.data = np.array(array, dtype=p.dtype, order="C")    # own, aligned copy
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> Tensor:
+    return Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(std), requires_grad=True)
+
+
+class Linear(Module):
+    """y = x @ weight + bias, weight stored (in_features, out_features) as in GPT-2's Conv1D."""
+
+    def __init__(self, in_features: int, out_features: int, rng: np.random.Generator,
+                 bias: bool = True, std: float = 0.02):
+        self.weight = _normal(rng, (in_features, out_features), std)
+        self.bias = Tensor(np.zeros(out_features, np.float32), requires_grad=True) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Embedding(Module):
+    """Rows of a (num_embeddings, embedding_dim) table, looked up by integer ids."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rng: np.random.Generator,
+                 std: float = 0.02):
+        self.weight = _normal(rng, (num_embeddings, embedding_dim), std)
+
+    def forward(self, idx: np.ndarray) -> Tensor:
+        return ops.embedding(self.weight, idx)
+
+
+class LayerNorm(Module):
+    """Normalise the last axis to zero mean and unit variance, then scale and shift."""
+
+    def __init__(self, n_embd: int, eps: float = 1e-5):
+        self.weight = Tensor(np.ones(n_embd, np.float32), requires_grad=True)
+        self.bias = Tensor(np.zeros(n_embd, np.float32), requires_grad=True)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Dropout(Module):
+    """Zero a fraction p of activations in training; the mask comes from a shared Generator."""
+
+    def __init__(self, p: float, rng: np.random.Generator):
+        self.p, self.rng = p, rng
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.dropout(x, self.p, self.rng, training=self.training and is_grad_enabled())
+
+
+class MLP(Module):
+    """GPT-2's feed-forward: Linear(C, 4C) -> GELU (tanh form) -> Linear(4C, C) -> dropout."""
+
+    def __init__(self, n_embd: int, n_inner: int, n_layer: int, dropout: float,
+                 rng: np.random.Generator):
+        self.c_fc = Linear(n_embd, n_inner, rng)
+        self.c_proj = Linear(n_inner, n_embd, rng, std=0.02 / math.sqrt(2 * n_layer))
+        self.dropout = Dropout(dropout, rng)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(ops.gelu(self.c_fc(x))))
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated (B, NH, block_size, HS) pair per
+    layer, so decoding a token costs one new row instead of recomputing the whole prefix."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, block_size: int, head_size: int,
+                 dtype=np.float32):
+        shape = (batch, n_head, block_size, head_size)
+        self.k = [np.zeros(shape, dtype) for _ in range(n_layer)]
+        self.v = [np.zeros(shape, dtype) for _ in range(n_layer)]
+        self.length = 0                       # tokens already cached
+        self.block_size = block_size
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store this step's k, v (B, NH, T, HS) after the cached ones; return all of them."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.block_size:
+            raise ValueError(f"KV cache holds {self.block_size} positions; {end} requested")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention with GPT-2's fused qkv projection."""
+
+    def __init__(self, n_embd: int, n_head: int, n_layer: int, dropout: float, qkv_bias: bool,
+                 rng: np.random.Generator):
+        if n_embd % n_head:
+            raise ValueError(f"n_embd {n_embd} is not divisible by n_head {n_head}")
+        self.n_head = n_head
+        self.c_attn = Linear(n_embd, 3 * n_embd, rng, bias=qkv_bias)
+        # residual projections get a smaller init, scaled by depth (GPT-2 paper, section 2.3)
+        self.c_proj = Linear(n_embd, n_embd, rng, std=0.02 / math.sqrt(2 * n_layer))
+        self.resid_dropout = Dropout(dropout, rng)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        NH, HS = self.n_head, C // self.n_head
+        qkv = ops.reshape(self.c_attn(x), (B, T, 3, NH, HS))
+        qkv = ops.permute(qkv, (2, 0, 3, 1, 4))                          # (3, B, NH, T, HS)
+        q, k, v = qkv[0], qkv[1], qkv[2]                                 # 3 x (B, NH, T, HS)
+        if cache is not None:                                            # inference only
+            k_all, v_all = cache.append(layer, k.data, v.data)
+            k, v = Tensor(k_all), Tensor(v_all)                          # (B, NH, Tk, HS)
+        y = ops.causal_attention(q, k, v)                                # (B, NH, T, HS)
+        y = ops.reshape(ops.permute(y, (0, 2, 1, 3)), (B, T, C))         # merge heads
+        return self.resid_dropout(self.c_proj(y))
