@@ -1,0 +1,298 @@
+"""Fetch OpenAI's GPT-2 weights from the Hugging Face hub: resumable, sha256-checked, atomic.
+
+This module owns getting `model.safetensors` and `config.json` onto disk and finding them again:
+`download_gpt2` fetches them into `weights/<name>/`, and `resolve_gpt2` turns a name or a
+directory into a folder that holds both, preferring what is already on disk (a folder you made,
+an earlier download, or a Hugging Face cache snapshot) over the network. Reading the files is
+left to `safetensors.py` and `weights.py`. Uses only the standard library and tqdm.
+
+How a file arrives, so an interrupted or corrupt download never sits under the final name:
+bytes go to `<file>.part`; a rerun continues it with an HTTP Range request (a server that answers
+200 instead of 206 makes us start over); the whole file is then checked against its sha256 (our
+table below, else the `X-Linked-Etag` header the hub sends for large files), a `<file>.sha256`
+sidecar is written, and `.part` is renamed over the final name. A file with a matching sidecar is
+not fetched again (delete the sidecar to force a re-check).
+
+Run it: `python -m tinygpt download gpt2` (548 MB into weights/gpt2/).
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tqdm import tqdm
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_FILES = ("model.safetensors", "config.json")
+HF_URL = "https://huggingface.co"
+HF_ORG = "openai-community"   # the hub's home of the GPT-2 repos ("gpt2" alone redirects there)
+
+# (name, file) -> (sha256, size in bytes). Only hashes we have checked ourselves; for anything
+# else we trust the hash the hub reports in X-Linked-Etag (sent for LFS files, not config.json).
+KNOWN_FILES: dict[tuple[str, str], tuple[str, int]] = {
+    ("gpt2", "model.safetensors"):
+        ("248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707", 548_105_171),
+}
+CHUNK = 1 << 20               # bytes per read: large enough for speed, small enough for the bar
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class DownloadError(OSError):
+    """A download failed; the message names the URL or file and what to do next."""
+
+
+class _Interrupted(Exception):
+    """The connection ended early; the bytes received so far are kept in the .part file."""
+
+    def __init__(self, have: int, total: int | None, reason: str):
+        super().__init__(reason)
+        self.have, self.total, self.reason = have, total, reason
+
+
+# --- public API -----------------------------------------------------------------------------------
+
+def download_gpt2(name: str, dir: str | os.PathLike = "weights", *, base_url: str = HF_URL,
+                  progress: bool = True, timeout: float = 30.0, retries: int = 2) -> Path:
+    """Download GPT-2 `name`'s model.safetensors and config.json into `dir/name/`; return that.
+
+    Files already complete are skipped without a request. `retries` is how many times a cut
+    connection is resumed within this call; after that a rerun resumes from the .part file.
+    """
+    _check_name(name)
+    dest = Path(dir) / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in GPT2_FILES:
+        url = f"{base_url.rstrip('/')}/{HF_ORG}/{name}/resolve/main/{file}"
+        sha256, size = KNOWN_FILES.get((name, file), (None, None))
+        download_file(url, dest / file, sha256=sha256, size=size, progress=progress,
+                      timeout=timeout, retries=retries)
+    return dest
+
+
+def resolve_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights", *,
+                 base_url: str = HF_URL, progress: bool = True) -> Path:
+    """A directory holding GPT-2's model.safetensors and config.json, downloading only if needed.
+
+    In order: `path_or_name` itself if it is such a directory; `dir/name/`; a Hugging Face cache
+    snapshot of the model (`$HF_HUB_CACHE`, `$HF_HOME/hub` or ~/.cache/huggingface/hub); else
+    `download_gpt2(name, dir)`.
+    """
+    path = Path(path_or_name)
+    if _has_gpt2_files(path):
+        return path
+    name = str(path_or_name)
+    if name not in GPT2_NAMES:
+        if path.is_dir():
+            missing = [f for f in GPT2_FILES if not (path / f).is_file()]
+            raise ValueError(f"{path}: directory has no {' or '.join(missing)}")
+        raise ValueError(f"{name!r} is neither a directory holding {' and '.join(GPT2_FILES)} "
+                         f"nor a GPT-2 model name ({', '.join(GPT2_NAMES)})")
+    local = Path(dir) / name
+    if _has_gpt2_files(local):
+        return local
+    snapshot = find_hf_snapshot(name)
+    if snapshot is not None:
+        return snapshot
+    return download_gpt2(name, dir, base_url=base_url, progress=progress)
+
+
+def find_hf_snapshot(name: str) -> Path | None:
+    """A Hugging Face cache snapshot of `name` with both files, or None. Never downloads."""
+    hub = _hf_hub_cache()
+    for repo in (hub / f"models--{HF_ORG}--{name}", hub / f"models--{name}"):
+        snapshots = repo / "snapshots"
+        if not snapshots.is_dir():
+            continue
+        candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        ref = repo / "refs" / "main"
+        if ref.is_file():             # the revision `main` pointed to when last fetched
+            candidates.insert(0, snapshots / ref.read_text().strip())
+        for snapshot in candidates:
+            if _has_gpt2_files(snapshot):   # is_file follows the cache's symlinks into blobs/
+                return snapshot
+    return None
+
+
+def download_file(url: str, path: str | os.PathLike, *, sha256: str | None = None,
+                  size: int | None = None, progress: bool = True, timeout: float = 30.0,
+                  retries: int = 2) -> Path:
+    """Fetch `url` to `path` via `path.part`, resuming and verifying; see the module docstring.
+
+    `sha256`/`size` are what we expect; without `sha256` the hub's X-Linked-Etag is used, and
+    with neither the file is stored unverified (its hash still goes into the sidecar).
+    """
+    path = Path(path)
+    if _is_complete(path, sha256, size):
+        return path
+    part = path.with_name(path.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            remote_sha256 = _fetch(url, part, progress, timeout)
+            break
+        except _Interrupted as e:
+            if attempt == retries:
+                of = f" of {e.total}" if e.total is not None else ""
+                raise DownloadError(f"{url}: connection lost after {e.have}{of} bytes "
+                                    f"({e.reason}); {part} is kept: run again to resume") from None
+    _verify_and_publish(url, part, path, sha256 or remote_sha256, size)
+    return path
+
+
+# --- one request ------------------------------------------------------------------------------------
+
+class _KeepRedirectHeaders(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, remembering each redirect's headers: the hub answers `resolve/` with a
+    302 to its CDN and puts X-Linked-Etag/X-Linked-Size on that 302, not on the final response."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.seen.append(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)   # keeps Range
+
+
+def _fetch(url: str, part: Path, progress: bool, timeout: float) -> str | None:
+    """One GET into `part`, resuming from its size; returns the sha256 the server reports."""
+    have = part.stat().st_size if part.exists() else 0
+    redirects = _KeepRedirectHeaders()
+    request = urllib.request.Request(url, headers={"User-Agent": "tinygpt"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.build_opener(redirects).open(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:       # our .part is at or past the end: start again
+            part.unlink()
+            raise _Interrupted(0, None, "server rejected the resume range") from None
+        if e.code == 404:
+            raise DownloadError(f"{url}: 404 Not Found") from None
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise DownloadError(_unreachable(url, part, e)) from None
+
+    with response:
+        headers = [*redirects.seen, response.headers]
+        remote_sha256 = _linked_sha256(headers)
+        if response.status == 206:
+            start, total = _content_range(response.headers.get("Content-Range", ""))
+            if start != have:
+                part.unlink()
+                raise _Interrupted(0, total, f"server resumed at byte {start}, not {have}")
+        else:                            # 200: the server ignored Range, so start over
+            have, length = 0, response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as f, tqdm(
+                total=total, initial=have, desc=part.name[:-5], unit="B", unit_scale=True,
+                unit_divisor=1024, disable=not progress, leave=False) as bar:
+            try:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    have += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as e:
+                raise _Interrupted(have, total, type(e).__name__) from None
+    # NOTE: http.client returns a short body without an error when a connection closes early,
+    # so comparing against the announced length is the only sign of a cut download.
+    if total is not None and have < total:
+        raise _Interrupted(have, total, "server closed the connection")
+    return remote_sha256
+
+
+def _verify_and_publish(url: str, part: Path, path: Path, sha256: str | None,
+                        size: int | None) -> None:
+    """Check `part` against `sha256`/`size`, then write the sidecar and rename it to `path`."""
+    actual_size = part.stat().st_size
+    actual = _sha256_file(part)
+    if size is not None and actual_size != size:
+        part.unlink()
+        raise DownloadError(f"{path}: download from {url} has the wrong size: expected {size} "
+                            f"bytes, got {actual_size}; the bad file was removed, run again")
+    if sha256 is not None and actual != sha256:
+        part.unlink()
+        raise DownloadError(f"{path}: download from {url} has the wrong sha256: expected "
+                            f"{sha256}, got {actual}; the bad file was removed, run again")
+    with open(part, "rb") as f:
+        os.fsync(f.fileno())            # data on disk before the rename makes it official
+    sidecar = _sidecar(path)
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(f"{actual}  {path.name}\n")          # `sha256sum -c` format
+    os.replace(tmp, sidecar)
+    os.replace(part, path)
+
+
+def _linked_sha256(headers: list) -> str | None:
+    for h in headers:
+        etag = (h.get("X-Linked-Etag") or "").removeprefix("W/").strip('"').lower()
+        if _SHA256.match(etag):
+            return etag
+    return None
+
+
+def _content_range(value: str) -> tuple[int, int | None]:
+    """'bytes 100-999/1000' -> (100, 1000); total None when the server sends '*'."""
+    m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", value.strip())
+    if not m:
+        raise DownloadError(f"server sent a malformed Content-Range {value!r}")
+    return int(m[1]), None if m[2] == "*" else int(m[2])
+
+
+def _unreachable(url: str, part: Path, e: BaseException) -> str:
+    reason = getattr(e, "reason", None) or e
+    return (f"cannot reach {urlsplit(url).netloc} for {url} ({reason}); to supply the files "
+            f"by hand, put {' and '.join(GPT2_FILES)} in {part.parent}/ or pass a local "
+            "directory that holds them")
+
+
+# --- files on disk ------------------------------------------------------------------------------------
+
+def _is_complete(path: Path, sha256: str | None, size: int | None) -> bool:
+    """True if `path` needs no download: its sidecar (or, failing that, a re-hash) matches."""
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
+        return False
+    sidecar = _sidecar(path)
+    if sidecar.is_file():
+        recorded = sidecar.read_text().split(maxsplit=1)[:1]
+        return bool(recorded) and (sha256 is None or recorded[0] == sha256)
+    if sha256 is not None and _sha256_file(path) == sha256:
+        sidecar.write_text(f"{sha256}  {path.name}\n")
+        return True
+    return False
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _has_gpt2_files(directory: Path) -> bool:
+    return all((directory / f).is_file() for f in GPT2_FILES)
+
+
+def _check_name(name: str) -> None:
+    if name not in GPT2_NAMES:
+        raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_NAMES)}")
+
+
+def _hf_hub_cache() -> Path:
+    """Where huggingface_hub keeps its cache, by the same environment variables it reads."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "huggingface" / "hub"
