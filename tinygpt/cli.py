@@ -26,10 +26,29 @@ def _run_bench(args) -> int:
     return bench_main(args.rest)
 
 
+# --- download ----------------------------------------------------------------------------------
+
+def _add_download(sub) -> None:
+    from tinygpt.download import GPT2_NAMES, HF_URL
+    p = sub.add_parser("download", help="fetch GPT-2 model.safetensors + config.json (resumable)")
+    p.add_argument("name", choices=GPT2_NAMES, help="which GPT-2 (gpt2 is the 124M model)")
+    p.add_argument("--dir", default="weights", help="files go to DIR/NAME/ (default weights)")
+    p.add_argument("--base-url", default=HF_URL, help=f"hub to fetch from (default {HF_URL})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_download(args) -> int:
+    from tinygpt.download import download_gpt2
+    dest = download_gpt2(args.name, args.dir, base_url=args.base_url, progress=not args.quiet)
+    print(f"{args.name}: model.safetensors and config.json in {dest}")
+    return 0
+
+
 # --- command table ------------------------------------------------------------------------------
 
 COMMANDS = {
     "bench": (_add_bench, _run_bench),
+    "download": (_add_download, _run_download),
 }
 
 
