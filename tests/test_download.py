@@ -101,7 +101,7 @@ def assert_downloaded(hub, dest: Path) -> None:
     assert not list(dest.glob("*.part"))
 
 
-# --- downloads ----------------------------------------------------------------------------------------
+# --- downloads ------------------------------------------------------------------------------------
 
 def test_full_download_is_checked_and_complete(hub, tmp_path):
     assert_downloaded(hub, fetch(hub, tmp_path))
@@ -216,7 +216,7 @@ def test_unknown_model_name_lists_the_choices(tmp_path):
         download_gpt2("gpt3", tmp_path)
 
 
-# --- resolving without the network --------------------------------------------------------------------
+# --- resolving without the network ----------------------------------------------------------------
 
 @pytest.fixture
 def hf_home(tmp_path, monkeypatch) -> Path:
@@ -272,7 +272,7 @@ def test_resolve_rejects_incomplete_directory_and_unknown_names(tmp_path, hf_hom
         resolve_gpt2("nope", tmp_path)
 
 
-# --- command line --------------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 def test_cli_download(hub, tmp_path, capsys):
     argv = ["download", NAME, "--dir", str(tmp_path / "w"), "--base-url", hub.url, "--quiet"]

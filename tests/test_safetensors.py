@@ -1,4 +1,4 @@
-"""tinygpt.safetensors against the reference `safetensors` package, corrupt files, and the fixture."""
+"""tinygpt.safetensors against the reference `safetensors` package, corrupt files, the fixture."""
 import json
 import re
 import struct
@@ -129,7 +129,7 @@ def test_bf16_is_widened_exactly_for_all_65536_values(tmp_path):
         assert np.array_equal(np.signbit(got), bits >= 0x8000)         # -0.0 and signed nan too
 
 
-# --- memory map -------------------------------------------------------------------------------------
+# --- memory map -----------------------------------------------------------------------------------
 
 def _memmap_base(arr: np.ndarray) -> np.memmap | None:
     base = arr
@@ -185,7 +185,7 @@ def test_save_rejects_bad_input(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# --- malformed files --------------------------------------------------------------------------------
+# --- malformed files ------------------------------------------------------------------------------
 
 def _write(path: Path, header: object, data: bytes = b"", raw: bytes | None = None) -> Path:
     raw = json.dumps(header).encode() if raw is None else raw
@@ -212,7 +212,7 @@ BAD_HEADERS = [  # (header object, data bytes, message fragment)
     ({"a": _entry(offsets=(0,))}, bytes(8), r"tensor 'a': data_offsets must be \[begin, end\]"),
     ({"a": _entry(offsets=(-1, 7))}, bytes(8), "tensor 'a': data_offsets must be"),
     ({"a": _entry(offsets=(8, 0))}, bytes(8), "tensor 'a': data_offsets begin 8 > end 0"),
-    ({"a": _entry(offsets=(0, 16))}, bytes(8), "tensor 'a': data_offsets end 16 is past the 8-byte"),
+    ({"a": _entry(offsets=(0, 16))}, bytes(8), "tensor 'a': data_offsets end 16 is past the 8"),
     ({"a": _entry(offsets=(0, 4))}, bytes(4), "tensor 'a': data_offsets span 4 bytes but F32"),
     ({"a": _entry(), "b": _entry(offsets=(4, 12))}, bytes(12), "tensor 'b'.*overlaps tensor 'a'"),
     ({"a": _entry(offsets=(4, 12))}, bytes(12), "tensor 'a': 4 unused bytes .* at the start"),
@@ -252,7 +252,7 @@ def test_short_and_truncated_files_are_clear_errors(tmp_path):
         load_safetensors(huge)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(struct.pack("<Q", 100) + b"{}")
-    with pytest.raises(ValueError, match="header length 100 bytes runs past the end of the 10-byte"):
+    with pytest.raises(ValueError, match="header length 100 bytes runs past the end of the 10-"):
         load_safetensors(cut)
     full = tmp_path / "full.safetensors"
     save_safetensors({"w": np.ones((8, 8), np.float32)}, full)
@@ -271,7 +271,7 @@ def test_empty_file_and_zero_size_tensors(tmp_path):
     assert got["z0"].shape == (0, 3) and got["z1"].shape == (0,)
 
 
-# --- the GPT-2-layout fixture -------------------------------------------------------------------------
+# --- the GPT-2-layout fixture ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("mmap", [True, False])
 def test_fixture_has_readme_names_and_matches_reference(shared, mmap):

@@ -144,7 +144,7 @@ def download_file(url: str, path: str | os.PathLike, *, sha256: str | None = Non
     return path
 
 
-# --- one request ------------------------------------------------------------------------------------
+# --- one request ----------------------------------------------------------------------------------
 
 class _KeepRedirectHeaders(urllib.request.HTTPRedirectHandler):
     """Follow redirects, remembering each redirect's headers: the hub answers `resolve/` with a
@@ -250,7 +250,7 @@ def _unreachable(url: str, part: Path, e: BaseException) -> str:
             "directory that holds them")
 
 
-# --- files on disk ------------------------------------------------------------------------------------
+# --- files on disk --------------------------------------------------------------------------------
 
 def _is_complete(path: Path, sha256: str | None, size: int | None) -> bool:
     """True if `path` needs no download: its sidecar (or, failing that, a re-hash) matches."""

@@ -48,7 +48,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 # NumPy dtype (native byte order, by kind+size) -> safetensors name, for writing.
 _WRITE_NAMES = {dt.newbyteorder("="): name for name, dt in DTYPES.items() if name != "BF16"}
-# The reference writer's tensor order: by this dtype rank (its enum order, largest first), then name.
+# The reference writer's tensor order: by this dtype rank (its enum order, widest first), then name.
 # Wide types come first so every tensor starts at a multiple of its item size; matching it exactly
 # makes our files byte-identical to `safetensors.numpy.save_file` (a test checks).
 _WRITE_RANK = {name: i for i, name in enumerate(
@@ -295,7 +295,7 @@ def _prepare(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None,
 
 
 def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); silently skipped where directories can't be opened."""
+    """Make the rename itself durable (POSIX); skipped where a directory cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
