@@ -26,6 +26,28 @@ def _run_bench(args) -> int:
     return bench_main(args.rest)
 
 
+# --- prepare -----------------------------------------------------------------------------------
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize a UTF-8 text file into uint16 train.bin/val.bin")
+    p.add_argument("input", help="UTF-8 text file (INPUT.txt)")
+    p.add_argument("out_dir", help="directory for train.bin, val.bin and meta.json")
+    p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="last fraction of the tokens that goes to val.bin, in [0, 1) (default 0.1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_prepare(args) -> int:
+    from tinygpt.data import prepare
+    meta = prepare(args.input, args.out_dir, tokenizer=args.tokenizer,
+                   val_fraction=args.val_fraction, progress=not args.quiet)
+    print(f"{args.out_dir}: train.bin {meta['train_tokens']:,} tokens, val.bin "
+          f"{meta['val_tokens']:,} tokens ({meta['tokenizer']}, vocab {meta['vocab_size']:,}, "
+          f"{meta['dtype']})")
+    return 0
+
+
 # --- download ----------------------------------------------------------------------------------
 
 def _add_download(sub) -> None:
@@ -48,6 +70,7 @@ def _run_download(args) -> int:
 
 COMMANDS = {
     "bench": (_add_bench, _run_bench),
+    "prepare": (_add_prepare, _run_prepare),
     "download": (_add_download, _run_download),
 }
 

@@ -1,0 +1,148 @@
+"""Tokenizers with one interface: GPT-2 BPE through tiktoken (offline), and characters.
+
+Owns `GPT2Tokenizer` (tiktoken's fast Rust BPE, built from the `encoder.json` + `vocab.bpe` bundled
+in `tinygpt/data/`, each checked against its sha256 - tiktoken never touches the network) and
+`CharTokenizer` (one id per character, for tiny-shakespeare-sized experiments). The BPE algorithm
+itself, written out in Python, is in `bpe.py`; turning ids into training batches is `data.py`.
+
+    python -c "from tinygpt.tokenizer import *; print(get_tokenizer('gpt2').encode('Hello'))"
+
+Both tokenizers have `name`, `encode(text, allowed_special=...) -> list[int]`, `decode(ids) -> str`,
+`n_vocab` (alias `vocab_size`) and `eot_id` (None for characters).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import tiktoken
+
+from tinygpt.bpe import (EOT, GPT2_FILES_SHA256, GPT2_PATTERN, bundled_gpt2_paths, read_checked,
+                         read_gpt2_ranks)
+
+EOT_ID = 50256       # GPT-2's <|endoftext|>, the id after the 50,256 ordinary tokens
+GPT2_VOCAB_SIZE = 50257
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 encoding built from the bundled files (built once, then cached)."""
+    encoder_path, vocab_path = bundled_gpt2_paths()
+    encoder = read_checked(encoder_path, GPT2_FILES_SHA256["encoder.json"])
+    merges = read_checked(vocab_path, GPT2_FILES_SHA256["vocab.bpe"])
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN,
+                             mergeable_ranks=read_gpt2_ranks(encoder, merges),
+                             special_tokens={EOT: EOT_ID}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE (50,257 ids); "Hello, I am" -> [15496, 11, 314, 716]."""
+
+    name = "gpt2"
+
+    def __init__(self):
+        self._enc = gpt2_encoding()
+
+    @property
+    def n_vocab(self) -> int:
+        return self._enc.n_vocab
+
+    vocab_size = n_vocab
+
+    @property
+    def eot_id(self) -> int:
+        return self._enc.eot_token
+
+    def encode(self, text: str,
+               allowed_special: Iterable[str] | str = frozenset({EOT})) -> list[int]:
+        """Text -> ids. `<|endoftext|>` becomes 50256 if allowed, else it is plain text."""
+        allowed = allowed_special if allowed_special == "all" else set(allowed_special)
+        return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once, on tiktoken's thread pool."""
+        return self._enc.encode_batch(texts, allowed_special={EOT}, disallowed_special=())
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not in the GPT-2 vocabulary "
+                             f"(0..{self.n_vocab - 1})")
+        return self._enc.decode(ids)
+
+
+class CharTokenizer:
+    """One id per character: the id is the position in the sorted set of a text's characters."""
+
+    name = "char"
+    eot_id = None
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars: list[str] = sorted(set(chars))
+        if not self.chars:
+            raise ValueError("CharTokenizer needs at least one character (was the text empty?)")
+        if any(len(c) != 1 for c in self.chars):
+            raise ValueError("CharTokenizer vocabulary entries must be single characters")
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(set(text))
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.chars)
+
+    vocab_size = n_vocab
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str = ()) -> list[int]:
+        """Text -> ids; `allowed_special` is only there for the shared interface (no specials)."""
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            position = text.index(e.args[0])
+            raise ValueError(f"character {e.args[0]!r} (at position {position}) is not in the "
+                             f"{self.n_vocab}-character vocabulary") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not in the character vocabulary "
+                             f"(0..{self.n_vocab - 1})")
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, path: Path | str) -> None:
+        """Write the vocabulary as JSON: {"type": "char", "chars": [...]}."""
+        Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path | str) -> CharTokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"character vocabulary not found: {path}")
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or state.get("type") != "char":
+            raise ValueError(f"{path}: not a character-tokenizer vocabulary (expected type 'char')")
+        return cls(state["chars"])
+
+
+Tokenizer = GPT2Tokenizer | CharTokenizer
+
+
+def get_tokenizer(name: str = "gpt2", text: str | None = None,
+                  vocab_path: Path | str | None = None) -> Tokenizer:
+    """A tokenizer by name: "gpt2", or "char" built from `text` or loaded from `vocab_path`."""
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "char":
+        if vocab_path is not None:
+            return CharTokenizer.load(vocab_path)
+        if text is None:
+            raise ValueError("the char tokenizer needs text= (to build its vocabulary) "
+                             "or vocab_path=")
+        return CharTokenizer.from_text(text)
+    raise ValueError(f"unknown tokenizer {name!r}: choose 'gpt2' or 'char'")
