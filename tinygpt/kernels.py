@@ -13,9 +13,19 @@ Benchmark: `python -m tinygpt.bench kernels`.   Tests: `pytest tests/test_kernel
 import math
 import os
 
+import numba
 import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
 
 USE_NUMBA = os.environ.get("TINYGPT_NUMBA", "1") != "0"
+
+# NOTE: numba's default OpenMP threads keep spinning after a prange loop and starve OpenBLAS's
+# threads in the matmul that follows: attention forward (96 x 256 x 64) took 4.6 s with "omp" and
+# 0.26 s with "workqueue" on a 2-core box. workqueue must not run prange loops from two Python
+# threads at once; set NUMBA_THREADING_LAYER to choose another layer.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + c x^3)))
 GELU_C = 0.044715  # cubic coefficient of the tanh fit (Hendrycks & Gimpel, 2016)
@@ -44,7 +54,7 @@ def layer_norm_forward_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: flo
     """
     mean = x.mean(axis=-1)                                   # (R,)
     xc = x - mean[:, None]                                   # (R, C)
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1) + eps)     # (R,)
+    rstd = (1.0 / np.sqrt((xc * xc).mean(axis=-1) + eps)).astype(x.dtype, copy=False)  # (R,)
     return xc * rstd[:, None] * w + b, mean, rstd
 
 
@@ -72,7 +82,8 @@ def gelu_backward_ref(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) du/dx), t = tanh(u).   x, dy: (N,) -> dx: (N,)"""
     t = np.tanh(SQRT_2_OVER_PI * (x + GELU_C * x ** 3))
     du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x)
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+    # 1 - t^2 written as (1 - t)(1 + t): exact factors, no cancellation when |t| -> 1
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * ((1.0 - t) * (1.0 + t)) * du)
 
 
 def _check_targets(targets: np.ndarray, V: int, ignore_index: int) -> None:
@@ -130,7 +141,8 @@ def attention_forward_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: fl
     q: (N, Tq, HS), k, v: (N, Tk, HS), Tk >= Tq -> y: (N, Tq, HS), p: (N, Tq, Tk)
     """
     Tq, Tk = q.shape[1], k.shape[1]
-    s = scale * (q @ k.swapaxes(-1, -2))                     # (N, Tq, Tk)
+    s = q @ k.swapaxes(-1, -2)                                # (N, Tq, Tk)
+    s *= scale                                                # in place: keeps float32 float32
     s[:, _causal_mask(Tq, Tk)] = -np.inf                     # exp(-inf) = 0 exactly
     p = softmax_forward_ref(s.reshape(-1, Tk)).reshape(s.shape)
     return p @ v, p
@@ -145,25 +157,350 @@ def attention_backward_ref(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.n
     """
     dv = p.swapaxes(-1, -2) @ dy                              # (N, Tk, HS)
     dp = dy @ v.swapaxes(-1, -2)                              # (N, Tq, Tk)
-    ds = scale * softmax_backward_ref(p.reshape(-1, p.shape[-1]), dp.reshape(-1, p.shape[-1]))
+    ds = softmax_backward_ref(p.reshape(-1, p.shape[-1]), dp.reshape(-1, p.shape[-1]))
     ds = ds.reshape(p.shape)
+    ds *= scale
     return ds @ k, ds.swapaxes(-1, -2) @ q, dv
 
 
 # ---------------------------------------------------------------------------------------------
-# Public names: the numba kernels unless TINYGPT_NUMBA=0.
+# A vectorisable exp. numba has no SVML, so np.exp inside an @njit loop is a scalar libm call
+# (slow) and stops the loop from vectorising. This one is only +, *, floor and a bit trick, so
+# LLVM turns the loops below into AVX code. Both dtypes are within a few ulp of np.exp
+# (tests/test_kernels.py::test_exp_matches_numpy measures it).
+#   exp(x) = 2^k * exp(r),  k = round(x / ln 2),  r = x - k ln 2 in [-ln2/2, ln2/2]
+# exp(r) is a short polynomial; 2^k is built directly from its IEEE-754 exponent bits.
 # ---------------------------------------------------------------------------------------------
 
-softmax_forward_numba = softmax_forward_ref
-softmax_backward_numba = softmax_backward_ref
-layer_norm_forward_numba = layer_norm_forward_ref
-layer_norm_backward_numba = layer_norm_backward_ref
-gelu_forward_numba = gelu_forward_ref
-gelu_backward_numba = gelu_backward_ref
-cross_entropy_forward_numba = cross_entropy_forward_ref
-cross_entropy_backward_numba = cross_entropy_backward_ref
-attention_forward_numba = attention_forward_ref
-attention_backward_numba = attention_backward_ref
+LOG2E = 1.4426950408889634
+# float32: Cephes expf. ln 2 split in two so k * LN2_HI is exact; polynomial error < 1 ulp.
+_F32_MAX_X, _F32_MIN_X = np.float32(88.37626), np.float32(-87.33654)  # keeps 2^k a normal float
+_F32_LN2_HI, _F32_LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_F32_LOG2E, _F32_HALF, _F32_ONE = np.float32(LOG2E), np.float32(0.5), np.float32(1.0)
+_F32_P0, _F32_P1, _F32_P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), \
+    np.float32(8.3334519073e-3)
+_F32_P3, _F32_P4, _F32_P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), \
+    np.float32(5.0000001201e-1)
+# float64: Cephes' split of ln 2 and the Taylor series of exp(r) to r^13 (truncation < 1e-17).
+_F64_MAX_X, _F64_MIN_X = 709.0, -708.0
+_F64_LN2_HI, _F64_LN2_LO = 6.93145751953125e-1, 1.42860682030941723212e-6
+
+
+def _exp(x):
+    """exp(x) for one float32 or float64 inside numba code (the overload below picks the body)."""
+    return math.exp(x)
+
+
+@njit(cache=True, fastmath={"contract"})    # no "reassoc": it would undo the split of ln 2
+def _exp_f32(x):
+    xc = min(max(x, _F32_MIN_X), _F32_MAX_X)
+    k = np.floor(xc * _F32_LOG2E + _F32_HALF)
+    r = xc - k * _F32_LN2_HI - k * _F32_LN2_LO
+    p = ((((_F32_P0 * r + _F32_P1) * r + _F32_P2) * r + _F32_P3) * r + _F32_P4) * r + _F32_P5
+    p = p * r * r + r + _F32_ONE
+    two_k = np.uint32((np.int32(k) + 127) << 23).view(np.float32)  # exponent field = k + bias
+    y = p * two_k if x >= _F32_MIN_X else np.float32(0.0)  # below: under the smallest normal
+    return y if x <= _F32_MAX_X else np.float32(np.inf)
+
+
+@njit(cache=True, fastmath={"contract"})
+def _exp_f64(x):
+    xc = min(max(x, _F64_MIN_X), _F64_MAX_X)
+    k = np.floor(xc * LOG2E + 0.5)
+    r = xc - k * _F64_LN2_HI - k * _F64_LN2_LO
+    p = 1.0 / 6227020800.0                                  # Horner, from 1/13! down to 1/0!
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    two_k = np.uint64((np.int64(k) + 1023) << 52).view(np.float64)
+    y = p * two_k if x >= _F64_MIN_X else 0.0
+    return y if x <= _F64_MAX_X else np.inf
+
+
+@overload(_exp)
+def _exp_overload(x):
+    if x == types.float32:
+        return lambda x: _exp_f32(x)
+    return lambda x: _exp_f64(x)
+
+
+# Loops may reorder sums (so they vectorise) and fuse a*b+c; no assumption that inputs are finite.
+_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+_jit = njit(cache=True, parallel=True, fastmath=_FASTMATH)
+
+
+@_jit
+def _exp_numba(x: np.ndarray) -> np.ndarray:
+    """Elementwise _exp (for tests and the bench).   x: (N,) -> (N,)"""
+    y = np.empty_like(x)
+    for i in prange(x.shape[0]):
+        y[i] = _exp(x[i])
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# numba kernels. prange runs over independent rows; sums accumulate in float64.
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def softmax_forward_numba(x: np.ndarray) -> np.ndarray:
+    """y = exp(x - max) / sum(exp(x - max)) per row, one pass per row.   x: (R, N) -> y: (R, N)"""
+    R, N = x.shape
+    y = np.empty_like(x)
+    for row in prange(R):
+        m = x[row, 0]
+        for i in range(1, N):
+            m = max(m, x[row, i])
+        s = 0.0
+        for i in range(N):
+            e = _exp(x[row, i] - m)                         # <= 1: cannot overflow
+            y[row, i] = e
+            s += e
+        inv = 1.0 / s
+        for i in range(N):
+            y[row, i] *= inv
+    return y
+
+
+@_jit
+def softmax_backward_numba(y: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """dx = y * (dy - sum(dy * y)) per row.   y, dy: (R, N) -> dx: (R, N)"""
+    R, N = y.shape
+    dx = np.empty_like(y)
+    for row in prange(R):
+        d = 0.0
+        for i in range(N):
+            d += dy[row, i] * y[row, i]
+        for i in range(N):
+            dx[row, i] = y[row, i] * (dy[row, i] - d)
+    return dx
+
+
+@_jit
+def layer_norm_forward_numba(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """y = (x - mean) * rstd * w + b per row (two passes: mean, then variance about the mean).
+
+    x: (R, C), w, b: (C,) -> y: (R, C), mean: (R,), rstd: (R,)
+    """
+    R, C = x.shape
+    y = np.empty_like(x)
+    mean = np.empty(R, x.dtype)
+    rstd = np.empty(R, x.dtype)
+    for row in prange(R):
+        s = 0.0
+        for c in range(C):
+            s += x[row, c]
+        m = s / C
+        v = 0.0
+        for c in range(C):
+            v += (x[row, c] - m) ** 2
+        rs = 1.0 / math.sqrt(v / C + eps)
+        for c in range(C):
+            y[row, c] = (x[row, c] - m) * rs * w[c] + b[c]
+        mean[row] = m
+        rstd[row] = rs
+    return y, mean, rstd
+
+
+LN_BLOCK = 32  # rows per partial sum of dw, db: fixed, so results don't depend on thread count
+
+
+@_jit
+def layer_norm_backward_numba(dy: np.ndarray, x: np.ndarray, w: np.ndarray, mean: np.ndarray,
+                              rstd: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of LayerNorm (math in layer_norm_backward_ref).
+
+    dx is per row. dw, db sum over rows, so each block of LN_BLOCK rows writes its own partial
+    row (no two threads touch one accumulator) and the partials are summed at the end.
+    dy, x: (R, C), w: (C,), mean, rstd: (R,) -> dx: (R, C), dw: (C,), db: (C,)
+    """
+    R, C = x.shape
+    n_blocks = (R + LN_BLOCK - 1) // LN_BLOCK
+    dx = np.empty_like(x)
+    dw_part = np.zeros((n_blocks, C), x.dtype)
+    db_part = np.zeros((n_blocks, C), x.dtype)
+    for blk in prange(n_blocks):
+        for row in range(blk * LN_BLOCK, min(R, (blk + 1) * LN_BLOCK)):
+            m, rs = mean[row], rstd[row]
+            g_mean = 0.0                                    # mean(g), g = dy * w
+            gx_mean = 0.0                                   # mean(g * xhat)
+            for c in range(C):
+                xhat = (x[row, c] - m) * rs
+                g = dy[row, c] * w[c]
+                g_mean += g
+                gx_mean += g * xhat
+                dw_part[blk, c] += dy[row, c] * xhat
+                db_part[blk, c] += dy[row, c]
+            g_mean /= C
+            gx_mean /= C
+            for c in range(C):
+                xhat = (x[row, c] - m) * rs
+                dx[row, c] = rs * (dy[row, c] * w[c] - g_mean - xhat * gx_mean)
+    return dx, dw_part.sum(axis=0), db_part.sum(axis=0)
+
+
+# tanh-GELU with one exp: 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)) = sigmoid(2u), so
+#   y = x * sigmoid(2u),   dy/dx = s + x s (1 - s) 2 du/dx  with s = sigmoid(2u),
+# using tanh' = 1 - tanh^2 = 4 s (1 - s). sigmoid form has no cancellation for large |x|.
+# Constants are cast to x's dtype so float32 math stays float32 (8 lanes of AVX, not 4).
+
+@_jit
+def gelu_forward_numba(x: np.ndarray) -> np.ndarray:
+    """y = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).   x: (N,) -> y: (N,)"""
+    k, c = x.dtype.type(SQRT_2_OVER_PI), x.dtype.type(GELU_C)
+    one, two = x.dtype.type(1.0), x.dtype.type(2.0)
+    y = np.empty_like(x)
+    for i in prange(x.shape[0]):
+        xi = x[i]
+        u = k * (xi + c * xi * xi * xi)
+        y[i] = xi / (one + _exp(-two * u))
+    return y
+
+
+@_jit
+def gelu_backward_numba(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """dx = dy * s * (1 + 2 x (1 - s) du/dx), s = sigmoid(2u).   x, dy: (N,) -> dx: (N,)"""
+    k, c = x.dtype.type(SQRT_2_OVER_PI), x.dtype.type(GELU_C)
+    one, two, three = x.dtype.type(1.0), x.dtype.type(2.0), x.dtype.type(3.0)
+    dx = np.empty_like(x)
+    for i in prange(x.shape[0]):
+        xi = x[i]
+        u = k * (xi + c * xi * xi * xi)
+        du = k * (one + three * c * xi * xi)
+        s = one / (one + _exp(-two * u))
+        dx[i] = dy[i] * s * (one + two * xi * (one - s) * du)
+    return dx
+
+
+@_jit
+def _cross_entropy_forward(logits, targets, ignore_index):
+    R, V = logits.shape
+    losses = np.empty(R, logits.dtype)
+    lse = np.empty(R, logits.dtype)
+    for row in prange(R):
+        m = logits[row, 0]
+        for i in range(1, V):
+            m = max(m, logits[row, i])
+        s = 0.0
+        for i in range(V):
+            s += _exp(logits[row, i] - m)
+        lse[row] = m + math.log(s)
+        t = targets[row]
+        kept = t != ignore_index and 0 <= t < V
+        losses[row] = lse[row] - logits[row, t] if kept else 0.0
+    return losses, lse
+
+
+def cross_entropy_forward_numba(logits: np.ndarray, targets: np.ndarray, ignore_index: int
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """losses[r] = lse[r] - logits[r, targets[r]] (0 where ignored), lse = logsumexp of row r.
+
+    One read of each row for the max, one for sum(exp(x - max)); nothing of size (R, V) is made.
+    logits: (R, V), targets: (R,) int -> losses: (R,), lse: (R,)
+    """
+    _check_targets(targets, logits.shape[1], ignore_index)
+    return _cross_entropy_forward(logits, targets, ignore_index)
+
+
+@_jit
+def _cross_entropy_backward(logits, targets, lse, dloss, ignore_index):
+    R, V = logits.shape
+    dlogits = np.empty_like(logits)
+    for row in prange(R):
+        t = targets[row]
+        if t == ignore_index or not 0 <= t < V:
+            dlogits[row, :] = 0.0
+            continue
+        g, lse_r = dloss[row], lse[row]
+        for i in range(V):
+            dlogits[row, i] = _exp(logits[row, i] - lse_r) * g
+        dlogits[row, t] = (_exp(logits[row, t] - lse_r) - 1.0) * g
+    return dlogits
+
+
+def cross_entropy_backward_numba(logits: np.ndarray, targets: np.ndarray, lse: np.ndarray,
+                                 dloss: np.ndarray, ignore_index: int = -100) -> np.ndarray:
+    """dlogits[r] = (exp(logits[r] - lse[r]) - onehot(targets[r])) * dloss[r]; 0 where ignored.
+
+    logits: (R, V), targets, lse, dloss: (R,) -> dlogits: (R, V)
+    """
+    return _cross_entropy_backward(logits, targets, lse, dloss, ignore_index)
+
+
+@_jit
+def _causal_softmax_inplace(s: np.ndarray, scale: float, Tq: int) -> None:
+    """s (rows = N*Tq, Tk) <- softmax(scale * s) over keys j <= i + Tk - Tq, exact 0 beyond."""
+    R, Tk = s.shape
+    for row in prange(R):
+        last = row % Tq + Tk - Tq                           # last visible key of query i
+        m = s[row, 0] * scale
+        for j in range(1, last + 1):
+            m = max(m, s[row, j] * scale)
+        tot = 0.0
+        for j in range(last + 1):
+            e = _exp(s[row, j] * scale - m)
+            s[row, j] = e
+            tot += e
+        inv = 1.0 / tot
+        for j in range(last + 1):
+            s[row, j] *= inv
+        s[row, last + 1:] = 0.0
+
+
+def attention_forward_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Causal attention: BLAS for q k^T and p v, numba for the fused scale + mask + softmax.
+
+    q: (N, Tq, HS), k, v: (N, Tk, HS), Tk >= Tq -> y: (N, Tq, HS), p: (N, Tq, Tk)
+    """
+    N, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
+    p = np.matmul(q, k.swapaxes(-1, -2))                     # (N, Tq, Tk), becomes p in place
+    _causal_softmax_inplace(p.reshape(N * Tq, Tk), scale, Tq)
+    return np.matmul(p, v), p
+
+
+@_jit
+def _causal_softmax_backward_inplace(dp: np.ndarray, p: np.ndarray, scale: float, Tq: int
+                                     ) -> None:
+    """dp (rows, Tk) <- scale * p * (dp - sum(dp * p)), skipping the masked keys (left 0)."""
+    R, Tk = p.shape
+    for row in prange(R):
+        last = row % Tq + Tk - Tq
+        d = 0.0
+        for j in range(last + 1):
+            d += dp[row, j] * p[row, j]
+        for j in range(last + 1):
+            dp[row, j] = scale * p[row, j] * (dp[row, j] - d)
+        dp[row, last + 1:] = 0.0
+
+
+def attention_backward_numba(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                             p: np.ndarray, scale: float
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of causal attention (math in attention_backward_ref); BLAS for the matmuls.
+
+    dy, q: (N, Tq, HS), k, v: (N, Tk, HS), p: (N, Tq, Tk) -> dq, dk, dv (shapes of q, k, v)
+    """
+    N, Tq, Tk = p.shape
+    dv = np.matmul(p.swapaxes(-1, -2), dy)                    # (N, Tk, HS)
+    ds = np.matmul(dy, v.swapaxes(-1, -2))                    # (N, Tq, Tk): dp, becomes ds
+    _causal_softmax_backward_inplace(ds.reshape(N * Tq, Tk), p.reshape(N * Tq, Tk), scale, Tq)
+    return np.matmul(ds, k), np.matmul(ds.swapaxes(-1, -2), q), dv
+
+# ---------------------------------------------------------------------------------------------
+# Public names: the numba kernels unless TINYGPT_NUMBA=0.
+# ---------------------------------------------------------------------------------------------
 
 _pick = (lambda fast, ref: fast) if USE_NUMBA else (lambda fast, ref: ref)
 softmax_forward = _pick(softmax_forward_numba, softmax_forward_ref)

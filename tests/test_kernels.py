@@ -1,0 +1,263 @@
+"""Kernels: every numba kernel agrees with its NumPy twin, every twin's backward agrees with
+central differences of its forward, dtypes are kept, and bad targets fail clearly.
+
+Values come from a NumPy generator seeded by hypothesis (shapes and seed drawn together), so rows
+are typical data rather than degenerate ones (a row of equal values makes float32 LayerNorm
+divide rounding noise by sqrt(eps), which no twin comparison can survive).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import example, given, strategies as st
+
+from tests.conftest import (GRAD_ATOL, GRAD_RTOL, TWIN32_ATOL, TWIN32_RTOL, TWIN64_ATOL,
+                            TWIN64_RTOL)
+from tinygpt import kernels
+
+DTYPES = [np.float64, np.float32]
+TOLS = {np.float64: dict(rtol=TWIN64_RTOL, atol=TWIN64_ATOL),
+        np.float32: dict(rtol=TWIN32_RTOL, atol=TWIN32_ATOL)}
+
+sides = st.integers(1, 9)
+seeds = st.integers(0, 2**32 - 1)
+
+
+def _assert_twins(fast, ref, dtype, **tol_override):
+    fast = fast if isinstance(fast, tuple) else (fast,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for a, b in zip(fast, ref, strict=True):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, **{**TOLS[dtype], **tol_override})
+
+
+def _numgrad(f, x: np.ndarray, g: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of loss = sum(f(x) * g) w.r.t. every element of x (float64)."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + eps
+        up = np.sum(f(x) * g)
+        x[i] = old - eps
+        down = np.sum(f(x) * g)
+        x[i] = old
+        grad[i] = (up - down) / (2 * eps)
+    return grad
+
+
+def _assert_grad(analytic, f, x, g):
+    np.testing.assert_allclose(analytic, _numgrad(f, x, g), rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+# --- the vectorisable exp inside the numba kernels -----------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_matches_numpy(dtype):
+    rng = np.random.default_rng(0)
+    big = 87.0 if dtype == np.float32 else 708.0
+    x = np.concatenate([rng.uniform(-30, 5, 100_000), rng.uniform(-big, big, 100_000),
+                        [0.0, -0.0, 1.0, -1.0, big, -big]]).astype(dtype)
+    y, ref = kernels._exp_numba(x), np.exp(x)
+    # a few ulp of np.exp (which is itself about 1 ulp from exact)
+    np.testing.assert_allclose(y, ref, rtol=4 * np.finfo(dtype).eps, atol=0)
+    edge = kernels._exp_numba(np.array([-np.inf, -1e4, 1e4, np.inf], dtype))
+    assert edge.dtype == dtype and list(edge) == [0.0, 0.0, np.inf, np.inf]
+
+
+# --- numba kernel vs NumPy twin ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(R=sides, N=sides, seed=seeds, scale=st.sampled_from([1.0, 5.0, 50.0]))
+@example(R=1, N=1, seed=0, scale=1.0)
+def test_softmax_twins(dtype, R, N, seed, scale):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.standard_normal((R, N))).astype(dtype)
+    dy = rng.standard_normal((R, N)).astype(dtype)
+    y = kernels.softmax_forward_ref(x)
+    _assert_twins(kernels.softmax_forward_numba(x), y, dtype)
+    _assert_twins(kernels.softmax_backward_numba(y, dy), kernels.softmax_backward_ref(y, dy), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(R=sides, C=sides, seed=seeds, shift=st.sampled_from([0.0, 3.0]))
+@example(R=1, C=1, seed=0, shift=0.0)
+def test_layer_norm_twins(dtype, R, C, seed, shift):
+    rng = np.random.default_rng(seed)
+    x = (shift + rng.standard_normal((R, C))).astype(dtype)
+    w, b = (rng.standard_normal(C).astype(dtype) for _ in range(2))
+    dy = rng.standard_normal((R, C)).astype(dtype)
+    fwd = kernels.layer_norm_forward_ref(x, w, b, 1e-5)
+    _assert_twins(kernels.layer_norm_forward_numba(x, w, b, 1e-5), fwd, dtype)
+    _, mean, rstd = fwd
+    _assert_twins(kernels.layer_norm_backward_numba(dy, x, w, mean, rstd),
+                  kernels.layer_norm_backward_ref(dy, x, w, mean, rstd), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(N=st.integers(1, 300), seed=seeds)
+@example(N=1, seed=0)
+def test_gelu_twins(dtype, N, seed):
+    # NOTE: |x| <= 3 because past that the float32 tanh twin itself loses accuracy (1 + tanh(u)
+    # cancels); test_gelu_float32_accuracy checks the numba kernel out to |x| = 10.
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-3, 3, N).astype(dtype)
+    dy = rng.standard_normal(N).astype(dtype)
+    _assert_twins(kernels.gelu_forward_numba(x), kernels.gelu_forward_ref(x), dtype)
+    _assert_twins(kernels.gelu_backward_numba(x, dy), kernels.gelu_backward_ref(x, dy), dtype)
+
+
+def test_gelu_float32_accuracy():
+    """numba float32 GELU vs the float64 twin (the truth) over a wide range."""
+    rng = np.random.default_rng(0)
+    x, dy = rng.uniform(-10, 10, 100_000), rng.standard_normal(100_000)
+    x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+    x = x32.astype(np.float64)
+    dy = dy32.astype(np.float64)
+    np.testing.assert_allclose(kernels.gelu_forward_numba(x32), kernels.gelu_forward_ref(x),
+                               **TOLS[np.float32])
+    np.testing.assert_allclose(kernels.gelu_backward_numba(x32, dy32),
+                               kernels.gelu_backward_ref(x, dy), **TOLS[np.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(R=sides, V=sides, seed=seeds, scale=st.sampled_from([1.0, 50.0]), ignore=st.booleans())
+@example(R=1, V=1, seed=0, scale=1.0, ignore=False)
+def test_cross_entropy_twins(dtype, R, V, seed, scale, ignore):
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((R, V))).astype(dtype)
+    targets = rng.integers(0, V, R)
+    if ignore:
+        targets[rng.random(R) < 0.5] = -100
+    dloss = rng.standard_normal(R).astype(dtype)
+    losses, lse = kernels.cross_entropy_forward_ref(logits, targets, -100)
+    # loss = lse - logit cancels: one rounding of lse (about |lse| * 6e-8 in float32) is an
+    # honest difference between two correct float32 sums, so atol scales with |lse|.
+    atol = TOLS[dtype]["atol"] + TOLS[dtype]["rtol"] * float(np.abs(lse).max())
+    _assert_twins(kernels.cross_entropy_forward_numba(logits, targets, -100), (losses, lse), dtype,
+                  atol=atol)
+    assert np.all(losses[targets == -100] == 0)
+    dlogits = kernels.cross_entropy_backward_numba(logits, targets, lse, dloss)
+    _assert_twins(dlogits, kernels.cross_entropy_backward_ref(logits, targets, lse, dloss), dtype)
+    assert np.all(dlogits[targets == -100] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(N=st.integers(1, 3), Tq=st.integers(1, 6), extra=st.integers(0, 3),
+       HS=st.integers(1, 5), seed=seeds)
+@example(N=1, Tq=1, extra=0, HS=1, seed=0)
+def test_attention_twins(dtype, N, Tq, extra, HS, seed):
+    rng = np.random.default_rng(seed)
+    Tk = Tq + extra                                           # Tq < Tk: queries after a KV cache
+    q = rng.standard_normal((N, Tq, HS)).astype(dtype)
+    k, v = (rng.standard_normal((N, Tk, HS)).astype(dtype) for _ in range(2))
+    dy = rng.standard_normal((N, Tq, HS)).astype(dtype)
+    scale = 1.0 / np.sqrt(HS)
+    y, p = kernels.attention_forward_ref(q, k, v, scale)
+    y_fast, p_fast = kernels.attention_forward_numba(q, k, v, scale)
+    _assert_twins((y_fast, p_fast), (y, p), dtype)
+    assert np.all(p_fast[:, kernels._causal_mask(Tq, Tk)] == 0)   # masked: exactly zero
+    _assert_twins(kernels.attention_backward_numba(dy, q, k, v, p, scale),
+                  kernels.attention_backward_ref(dy, q, k, v, p, scale), dtype)
+
+
+# --- each backward twin vs central differences of its forward (float64) -------------------------
+
+@given(R=st.integers(1, 3), N=st.integers(1, 5), seed=seeds)
+def test_softmax_grad(R, N, seed):
+    rng = np.random.default_rng(seed)
+    x, g = rng.standard_normal((R, N)), rng.standard_normal((R, N))
+    dx = kernels.softmax_backward_ref(kernels.softmax_forward_ref(x), g)
+    _assert_grad(dx, kernels.softmax_forward_ref, x, g)
+
+
+@given(R=st.integers(1, 3), C=st.integers(1, 5), seed=seeds)
+def test_layer_norm_grad(R, C, seed):
+    rng = np.random.default_rng(seed)
+    x, g = rng.standard_normal((R, C)), rng.standard_normal((R, C))
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    _, mean, rstd = kernels.layer_norm_forward_ref(x, w, b, 1e-5)
+    dx, dw, db = kernels.layer_norm_backward_ref(g, x, w, mean, rstd)
+    _assert_grad(dx, lambda x_: kernels.layer_norm_forward_ref(x_, w, b, 1e-5)[0], x, g)
+    _assert_grad(dw, lambda w_: kernels.layer_norm_forward_ref(x, w_, b, 1e-5)[0], w, g)
+    _assert_grad(db, lambda b_: kernels.layer_norm_forward_ref(x, w, b_, 1e-5)[0], b, g)
+
+
+@given(N=st.integers(1, 20), seed=seeds)
+def test_gelu_grad(N, seed):
+    rng = np.random.default_rng(seed)
+    x, g = rng.uniform(-4, 4, N), rng.standard_normal(N)
+    _assert_grad(kernels.gelu_backward_ref(x, g), kernels.gelu_forward_ref, x, g)
+
+
+@given(R=st.integers(1, 4), V=st.integers(1, 6), seed=seeds)
+def test_cross_entropy_grad(R, V, seed):
+    rng = np.random.default_rng(seed)
+    logits, g = 3 * rng.standard_normal((R, V)), rng.standard_normal(R)
+    targets = rng.integers(0, V, R)
+    targets[rng.random(R) < 0.3] = -100
+    _, lse = kernels.cross_entropy_forward_ref(logits, targets, -100)
+    dlogits = kernels.cross_entropy_backward_ref(logits, targets, lse, g)
+    _assert_grad(dlogits, lambda x: kernels.cross_entropy_forward_ref(x, targets, -100)[0],
+                 logits, g)
+
+
+@given(N=st.integers(1, 2), Tq=st.integers(1, 4), extra=st.integers(0, 2), HS=st.integers(1, 3),
+       seed=seeds)
+def test_attention_grad(N, Tq, extra, HS, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((N, Tq, HS))
+    k, v = (rng.standard_normal((N, Tq + extra, HS)) for _ in range(2))
+    g = rng.standard_normal((N, Tq, HS))
+    scale = 0.7
+    _, p = kernels.attention_forward_ref(q, k, v, scale)
+    dq, dk, dv = kernels.attention_backward_ref(g, q, k, v, p, scale)
+    _assert_grad(dq, lambda q_: kernels.attention_forward_ref(q_, k, v, scale)[0], q, g)
+    _assert_grad(dk, lambda k_: kernels.attention_forward_ref(q, k_, v, scale)[0], k, g)
+    _assert_grad(dv, lambda v_: kernels.attention_forward_ref(q, k, v_, scale)[0], v, g)
+
+
+# --- dtypes, errors, the switch -----------------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["_ref", "_numba"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtype_preserved(version, dtype):
+    def kernel(name):
+        return getattr(kernels, name + version)
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((3, 4), 4, 4))
+    targets = np.array([0, -100, 3])
+    q = rng.standard_normal((2, 3, 4)).astype(dtype)
+    _, lse = kernel("cross_entropy_forward")(x, targets, -100)
+    _, mean, rstd = kernel("layer_norm_forward")(x, w, b, 1e-5)
+    _, p = kernel("attention_forward")(q, q, q, 0.5)
+    outs = [kernel("softmax_forward")(x), kernel("softmax_backward")(x, x),
+            *kernel("layer_norm_forward")(x, w, b, 1e-5),
+            *kernel("layer_norm_backward")(x, x, w, mean, rstd),
+            kernel("gelu_forward")(w), kernel("gelu_backward")(w, b),
+            *kernel("cross_entropy_forward")(x, targets, -100),
+            kernel("cross_entropy_backward")(x, targets, lse, w[:3]),
+            *kernel("attention_forward")(q, q, q, 0.5),
+            *kernel("attention_backward")(q, q, q, q, p, 0.5)]
+    assert all(o.dtype == dtype for o in outs)
+
+
+@pytest.mark.parametrize("version", ["_ref", "_numba"])
+@pytest.mark.parametrize("bad", [5, -1, 1000])
+def test_bad_target_raises(version, bad):
+    forward = getattr(kernels, "cross_entropy_forward" + version)
+    logits = np.zeros((3, 5))
+    with pytest.raises(ValueError, match=rf"target id {bad}\b.*V=5"):
+        forward(logits, np.array([0, bad, -100]), -100)
+
+
+def test_numba_switch():
+    code = ("from tinygpt import kernels; "
+            "assert not kernels.USE_NUMBA; "
+            "assert kernels.softmax_forward is kernels.softmax_forward_ref; "
+            "assert kernels.attention_backward is kernels.attention_backward_ref")
+    env = {**os.environ, "TINYGPT_NUMBA": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    if kernels.USE_NUMBA:
+        assert kernels.softmax_forward is kernels.softmax_forward_numba
