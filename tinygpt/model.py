@@ -136,6 +136,11 @@ class GPT(Module):
         return KVCache(cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head,
                        self.wte.weight.dtype)
 
+    def save_pretrained(self, dir) -> None:
+        """Write model.safetensors + config.json in Hugging Face's GPT-2 layout (see weights.py)."""
+        from tinygpt import weights          # imported here: weights sits above model in the layers
+        weights.save_pretrained(self, dir)
+
     def astype(self, dtype) -> GPT:
         """Convert every parameter in place (float64 for gradient checks)."""
         for p in self.parameters():

@@ -1,0 +1,258 @@
+"""OpenAI's GPT-2 checkpoints in the Hugging Face layout: load them into `GPT`, write `GPT` back.
+
+This module owns the mapping between a hub checkpoint directory (`model.safetensors` +
+`config.json`) and a `GPT`: the config translation, the name and shape checks, and reading the
+tensors straight into the model's own arrays. The file format itself is `safetensors.py`'s; finding
+or downloading the directory is `download.py`'s.
+
+The mapping is almost the identity, because our attribute names are GPT-2's and `Linear.weight` is
+stored (in, out) like GPT-2's Conv1D:
+
+    hub file                              tinygpt parameter
+    wte.weight [V, C], wpe.weight [T, C]  same names, same shapes
+    h.<i>.attn.c_attn.weight [C, 3C] ...  same names, same shapes (no transposes)
+    transformer.<name>                    <name>   (the prefix `save_pretrained` in transformers adds)
+    h.<i>.attn.bias, .attn.masked_bias    ignored: causal masks, not parameters
+    lm_head.weight [V, C]                 tied: must equal wte.weight, not stored twice;
+                                          untied (tie_word_embeddings false): lm_head.weight^T (C, V)
+
+Memory: a 124M model is 498 MB of float32. We build the model once and read each tensor's bytes
+from the file directly into its parameter array (`readinto`), so the weights are never held twice
+(a memory map would add the file's pages to the resident set as they are copied).
+
+    python -c "from tinygpt.weights import load_gpt2; print(load_gpt2('gpt2').config)"
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from tinygpt.download import GPT2_NAMES, find_hf_snapshot, resolve_gpt2
+from tinygpt.model import GPT, GPTConfig
+from tinygpt.safetensors import Header, load_safetensors, read_header, save_safetensors
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+HF_PREFIX = "transformer."                             # names written by transformers' save_pretrained
+MASK = re.compile(r"h\.\d+\.attn\.(masked_)?bias")     # causal-mask buffers in older hub files
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # tanh-form GELU, as ours
+GPT2_EOT_ID = 50256                                    # <|endoftext|>: GPT-2's bos and eos
+ROWS_PER_READ = 4096                                   # rows of lm_head compared per read (12 MB)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """A `GPTConfig` from a Hugging Face GPT-2 `config.json` (as a dict), for inference."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"config.json: model_type {hf['model_type']!r} is not 'gpt2'")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in GELU_TANH:
+        raise ValueError(f"config.json: activation_function {act!r} is not supported; tinygpt's "
+                         f"GELU is the tanh form ({', '.join(GELU_TANH)})")
+    missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in hf]
+    block_size = hf.get("n_positions", hf.get("n_ctx"))
+    if block_size is None:
+        missing.append("n_positions")
+    if missing:
+        raise ValueError(f"config.json: missing {', '.join(missing)}")
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=block_size, n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner"),
+                     dropout=0.0, qkv_bias=True,
+                     tie_weights=hf.get("tie_word_embeddings", True),
+                     layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def config_to_hf(cfg: GPTConfig) -> dict:
+    """The Hugging Face GPT-2 `config.json` keys for `cfg` (what transformers reads back)."""
+    hf = {
+        "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "model_type": "gpt2",
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.n_inner,
+        "n_layer": cfg.n_layer,
+        "n_positions": cfg.block_size,
+        "reorder_and_upcast_attn": False,
+        "resid_pdrop": cfg.dropout,
+        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_weights,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+    if cfg.vocab_size > GPT2_EOT_ID:                   # GPT-2's tokenizer: <|endoftext|> both ends
+        hf["bos_token_id"] = hf["eos_token_id"] = GPT2_EOT_ID
+    return hf
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights", *,
+              download: bool = True) -> GPT:
+    """GPT-2 from a checkpoint directory or a name (gpt2, gpt2-medium, ...), in eval mode.
+
+    Names are looked up in `dir/<name>/` and the Hugging Face cache, then downloaded
+    (`download=False` raises FileNotFoundError instead, naming `tinygpt download <name>`).
+    """
+    directory = _find_checkpoint(path_or_name, dir, download)
+    with open(directory / CONFIG_FILE, encoding="utf-8") as f:
+        cfg = config_from_hf(json.load(f))
+    model = GPT(cfg)
+    load_weights(model, directory / WEIGHTS_FILE)
+    return model.eval()
+
+
+def load_weights(model: GPT, path: str | os.PathLike) -> None:
+    """Read a hub-layout safetensors file into `model`'s parameters, in place.
+
+    Every missing, unexpected or mis-shaped tensor is listed, by name and shape, in one ValueError.
+    """
+    path = Path(path)
+    header = read_header(path)
+    params = dict(model.named_parameters())
+    stored = {_strip(name): name for name in header.tensors if not _is_mask(name)}  # ours -> file
+    shapes = {ours: header.tensors[name].shape for ours, name in stored.items()}
+    head = stored.pop("lm_head.weight", None)          # checked apart: HF stores it [V, C]
+    shapes.pop("lm_head.weight", None)
+    if model.lm_head is not None:
+        params.pop("lm_head.weight")
+    _check_names(path, params, shapes, model, head and header.tensors[head].shape)
+    with open(path, "rb") as f:
+        for name, p in params.items():
+            _read_into(f, path, header, stored[name], p.data)
+        if model.lm_head is not None:
+            vc = np.empty(header.tensors[head].shape, np.float32)             # (V, C)
+            _read_into(f, path, header, head, vc)
+            model.lm_head.weight.data = np.ascontiguousarray(vc.T)             # (C, V)
+        elif head is not None:
+            _check_tied_head(f, path, header, head, model.wte.weight.data)
+
+
+def _find_checkpoint(path_or_name: str | os.PathLike, dir: str | os.PathLike,
+                     download: bool) -> Path:
+    """The directory holding model.safetensors + config.json (see `load_gpt2`)."""
+    name = str(path_or_name)
+    local = Path(dir) / name
+    if download or name not in GPT2_NAMES or (local / WEIGHTS_FILE).is_file():
+        if name not in GPT2_NAMES and not Path(name).is_dir():
+            raise FileNotFoundError(f"{name}: no such checkpoint directory (a GPT-2 name is one "
+                                    f"of {', '.join(GPT2_NAMES)}; see weights/README.md)")
+        return resolve_gpt2(path_or_name, dir, progress=False)
+    snapshot = find_hf_snapshot(name)
+    if snapshot is None:
+        raise FileNotFoundError(f"no GPT-2 weights at {local / WEIGHTS_FILE}: run "
+                                f"`tinygpt download {name}` (see weights/README.md)")
+    return snapshot
+
+
+def _strip(name: str) -> str:
+    return name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
+
+
+def _is_mask(name: str) -> bool:
+    return MASK.fullmatch(_strip(name)) is not None
+
+
+def _check_names(path: Path, params: dict, shapes: dict, model: GPT,
+                 head_shape: tuple | None) -> None:
+    """Raise one ValueError listing every missing, unexpected or mis-shaped tensor."""
+    missing = [f"{n} {tuple(p.shape)}" for n, p in params.items() if n not in shapes]
+    unexpected = [f"{n} {shape}" for n, shape in shapes.items() if n not in params]
+    misshaped = [f"{n}: expected {tuple(p.shape)}, got {shapes[n]}"
+                 for n, p in params.items() if n in shapes and shapes[n] != tuple(p.shape)]
+    V, C = model.config.vocab_size, model.config.n_embd
+    if head_shape is None and model.lm_head is not None:
+        missing.append(f"lm_head.weight {(V, C)} (config.json has tie_word_embeddings false)")
+    elif head_shape is not None and head_shape != (V, C):
+        misshaped.append(f"lm_head.weight: expected {(V, C)}, got {head_shape}")
+    problems = [f"{label}: {', '.join(items)}" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                if items]
+    if problems:
+        raise ValueError(f"{path}: tensors do not fit a GPT-2 of {model.config.n_layer} layers, "
+                         f"n_embd {C}: " + "; ".join(problems))
+
+
+def _read_into(f: BinaryIO, path: Path, header: Header, name: str, out: np.ndarray) -> None:
+    """Copy tensor `name` from the open file into `out` (C-contiguous float32, its shape)."""
+    info = header.tensors[name]
+    if info.dtype != "F32" or not np.little_endian:
+        # F16/BF16/F64: convert through a read-only view; rare for GPT-2, so not memory-tuned
+        np.copyto(out, load_safetensors(path)[name], casting="same_kind")
+        return
+    f.seek(header.data_start + info.begin)
+    if f.readinto(out.reshape(-1).view(np.uint8)) != info.end - info.begin:
+        raise ValueError(f"{path}: file ended while reading {name} (truncated?)")
+
+
+def _check_tied_head(f: BinaryIO, path: Path, header: Header, name: str, wte: np.ndarray) -> None:
+    """With tied weights a stored lm_head.weight is accepted only if it equals wte exactly.
+
+    Compared a block of rows at a time, so the check never holds a second (V, C) matrix.
+    """
+    V, C = wte.shape
+    info = header.tensors[name]
+    if info.dtype != "F32" or not np.little_endian:
+        same = np.array_equal(load_safetensors(path)[name], wte)
+    else:
+        same = True
+        for start in range(0, V, ROWS_PER_READ):
+            rows = np.empty((min(ROWS_PER_READ, V - start), C), np.float32)
+            f.seek(header.data_start + info.begin + start * C * rows.itemsize)
+            f.readinto(rows.reshape(-1).view(np.uint8))
+            same = same and np.array_equal(rows, wte[start:start + len(rows)])
+    if not same:
+        raise ValueError(f"{path}: lm_head.weight differs from wte.weight, but config.json ties "
+                         "them (tie_word_embeddings true or absent)")
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+def save_pretrained(model: GPT, dir: str | os.PathLike) -> Path:
+    """Write `model` as `dir/model.safetensors` + `dir/config.json` in the hub's GPT-2 layout.
+
+    Names carry no prefix and weights stay (in, out), as in the hub file; float32. A model without
+    qkv bias gets zero c_attn biases (same function). An untied head is written as HF's
+    `lm_head.weight` [V, C] with `tie_word_embeddings: false`. Each file is replaced atomically.
+    """
+    cfg = model.config
+    directory = Path(dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: np.asarray(p.data, np.float32) for name, p in model.named_parameters()}
+    if model.lm_head is not None:
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].T                # (V, C)
+    for i in range(cfg.n_layer):
+        tensors.setdefault(f"h.{i}.attn.c_attn.bias", np.zeros(3 * cfg.n_embd, np.float32))
+    # transformers refuses safetensors files whose metadata lacks a known "format"
+    save_safetensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    _write_json_atomic(directory / CONFIG_FILE, config_to_hf(cfg))
+    return directory
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                           # mkstemp makes it owner-only (0600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
