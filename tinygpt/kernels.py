@@ -10,8 +10,10 @@ Every public name `X` is bound at import to `X_numba`, or to `X_ref` when the en
 
 Benchmark: `python -m tinygpt.bench kernels`.   Tests: `pytest tests/test_kernels.py`.
 """
+import functools
 import math
 import os
+import types as types_
 
 import numba
 import numpy as np
@@ -236,7 +238,28 @@ def _exp_overload(x):
 
 # Loops may reorder sums (so they vectorise) and fuse a*b+c; no assumption that inputs are finite.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
-_jit = njit(cache=True, parallel=True, fastmath=_FASTMATH)
+
+# Starting numba's thread pool costs ~100 us, more than a one-row LayerNorm takes (~6 us): a
+# decoding step calls these kernels on single rows dozens of times. Inputs smaller than this many
+# elements run a serial compile of the same loop.
+PARALLEL_MIN_SIZE = 1 << 15
+
+
+def _jit(fn):
+    """Compile `fn` twice, parallel over rows (prange) and serial, and pick by input size."""
+    parallel = njit(cache=True, parallel=True, fastmath=_FASTMATH)(fn)
+    # a copy under its own name, so numba's on-disk cache keeps the two compiles apart
+    serial_fn = types_.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                    fn.__defaults__, fn.__closure__)
+    serial_fn.__qualname__ = fn.__qualname__ + "_serial"
+    serial = njit(cache=True, fastmath=_FASTMATH)(serial_fn)
+
+    @functools.wraps(fn)
+    def run(*args):
+        return (parallel if args[0].size >= PARALLEL_MIN_SIZE else serial)(*args)
+
+    run.parallel, run.serial = parallel, serial
+    return run
 
 
 @_jit
@@ -438,65 +461,79 @@ def cross_entropy_backward_numba(logits: np.ndarray, targets: np.ndarray, lse: n
     return _cross_entropy_backward(logits, targets, lse, dloss, ignore_index)
 
 
+# Attention runs whole in numba, one (batch, head) per prange iteration: the per-head matmuls are
+# small (256 x 64 x 256 for GPT-2 small), where two BLAS threads spend more time synchronising
+# than computing (10-20x slower than one thread on a busy 2-core machine), and loops can skip the
+# masked upper triangle, half of every matmul.
+
 @_jit
-def _causal_softmax_inplace(s: np.ndarray, scale: float, Tq: int) -> None:
-    """s (rows = N*Tq, Tk) <- softmax(scale * s) over keys j <= i + Tk - Tq, exact 0 beyond."""
-    R, Tk = s.shape
-    for row in prange(R):
-        last = row % Tq + Tk - Tq                           # last visible key of query i
-        m = s[row, 0] * scale
-        for j in range(1, last + 1):
-            m = max(m, s[row, j] * scale)
-        tot = 0.0
-        for j in range(last + 1):
-            e = _exp(s[row, j] * scale - m)
-            s[row, j] = e
-            tot += e
-        inv = 1.0 / tot
-        for j in range(last + 1):
-            s[row, j] *= inv
-        s[row, last + 1:] = 0.0
-
-
 def attention_forward_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float
                             ) -> tuple[np.ndarray, np.ndarray]:
-    """Causal attention: BLAS for q k^T and p v, numba for the fused scale + mask + softmax.
+    """Causal attention, fused: scores, mask, softmax and p @ v per query row.
 
     q: (N, Tq, HS), k, v: (N, Tk, HS), Tk >= Tq -> y: (N, Tq, HS), p: (N, Tq, Tk)
     """
-    N, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
-    p = np.matmul(q, k.swapaxes(-1, -2))                     # (N, Tq, Tk), becomes p in place
-    _causal_softmax_inplace(p.reshape(N * Tq, Tk), scale, Tq)
-    return np.matmul(p, v), p
+    N, Tq, HS = q.shape
+    Tk = k.shape[1]
+    y = np.zeros_like(q)
+    p = np.zeros((N, Tq, Tk), q.dtype)                      # masked entries stay exactly 0
+    for n in prange(N):
+        for i in range(Tq):
+            last = i + Tk - Tq                              # last key query i may see
+            m = -np.inf
+            for j in range(last + 1):
+                s = 0.0
+                for d in range(HS):
+                    s += q[n, i, d] * k[n, j, d]
+                p[n, i, j] = s * scale
+                m = max(m, s * scale)
+            total = 0.0
+            for j in range(last + 1):
+                e = _exp(p[n, i, j] - m)                    # subtract the row max: no overflow
+                p[n, i, j] = e
+                total += e
+            inv = 1.0 / total
+            for j in range(last + 1):
+                p_ij = p[n, i, j] * inv
+                p[n, i, j] = p_ij
+                for d in range(HS):
+                    y[n, i, d] += p_ij * v[n, j, d]
+    return y, p
 
 
 @_jit
-def _causal_softmax_backward_inplace(dp: np.ndarray, p: np.ndarray, scale: float, Tq: int
-                                     ) -> None:
-    """dp (rows, Tk) <- scale * p * (dp - sum(dp * p)), skipping the masked keys (left 0)."""
-    R, Tk = p.shape
-    for row in prange(R):
-        last = row % Tq + Tk - Tq
-        d = 0.0
-        for j in range(last + 1):
-            d += dp[row, j] * p[row, j]
-        for j in range(last + 1):
-            dp[row, j] = scale * p[row, j] * (dp[row, j] - d)
-        dp[row, last + 1:] = 0.0
-
-
 def attention_backward_numba(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                              p: np.ndarray, scale: float
                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of causal attention (math in attention_backward_ref); BLAS for the matmuls.
+    """Gradients of causal attention (math in attention_backward_ref), per (batch, head).
 
+    Per query row i: dp_ij = dy_i . v_j, ds_ij = scale p_ij (dp_ij - sum_j p_ij dp_ij), then
+    dv_j += p_ij dy_i, dq_i += ds_ij k_j, dk_j += ds_ij q_i over the visible keys only.
     dy, q: (N, Tq, HS), k, v: (N, Tk, HS), p: (N, Tq, Tk) -> dq, dk, dv (shapes of q, k, v)
     """
-    N, Tq, Tk = p.shape
-    dv = np.matmul(p.swapaxes(-1, -2), dy)                    # (N, Tk, HS)
-    ds = np.matmul(dy, v.swapaxes(-1, -2))                    # (N, Tq, Tk): dp, becomes ds
-    _causal_softmax_backward_inplace(ds.reshape(N * Tq, Tk), p.reshape(N * Tq, Tk), scale, Tq)
-    return np.matmul(ds, k), np.matmul(ds.swapaxes(-1, -2), q), dv
+    N, Tq, HS = q.shape
+    Tk = k.shape[1]
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for n in prange(N):
+        dp = np.empty(Tk, np.float64)
+        for i in range(Tq):
+            last = i + Tk - Tq
+            total = 0.0                                     # sum_j p_ij dp_ij
+            for j in range(last + 1):
+                s = 0.0
+                for d in range(HS):
+                    s += dy[n, i, d] * v[n, j, d]
+                dp[j] = s
+                total += s * p[n, i, j]
+            for j in range(last + 1):
+                p_ij = p[n, i, j]
+                ds = scale * p_ij * (dp[j] - total)
+                for d in range(HS):
+                    dv[n, j, d] += p_ij * dy[n, i, d]
+                    dq[n, i, d] += ds * k[n, j, d]
+                    dk[n, j, d] += ds * q[n, i, d]
+    return dq, dk, dv
+
 
 # ---------------------------------------------------------------------------------------------
 # Public names: the numba kernels unless TINYGPT_NUMBA=0.

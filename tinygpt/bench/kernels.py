@@ -115,10 +115,77 @@ def _torch_cases(x_ln, dy_ln, w_ln, b_ln, x_g, dy_g, x_sm, dy_sm, logits, target
     }
 
 
-def bench_block(repeat: int) -> None:
-    """TODO(lead): forward + backward of one tinygpt.model.Block (B=8, T=256, C=768) built from
-    ops, vs the same block in PyTorch eager. Left for when model.Block exists."""
-    print("block: not yet written (needs tinygpt.model.Block)")
+def bench_block(repeat: int, B: int = 8, T: int = 256) -> None:
+    """Forward + backward of one GPT-2-small Block (C=768, 12 heads) built from tinygpt ops, and
+    the same block in PyTorch eager (2 threads, same weights) when torch is installed."""
+    from tinygpt.autograd import Tensor
+    from tinygpt.model import Block, GPTConfig
+
+    cfg = GPTConfig.preset("gpt2", qkv_bias=True)
+    rng = np.random.default_rng(0)
+    block = Block(cfg, rng)
+    x = Tensor(rng.standard_normal((B, T, cfg.n_embd), dtype=np.float32), requires_grad=True)
+    dy = rng.standard_normal((B, T, cfg.n_embd), dtype=np.float32)
+
+    def step():
+        x.grad = None
+        block.zero_grad()
+        block(x).backward(dy)
+
+    t_ours = _median_ms(step, repeat)
+    print(f"\nblock (B={B}, T={T}, C={cfg.n_embd}, {cfg.n_head} heads) forward+backward: "
+          f"tinygpt {t_ours:.1f} ms", end="")
+    torch_step = _torch_block(block, x.data, dy, cfg.n_head)
+    if torch_step is None:
+        print(" (PyTorch not installed)")
+        return
+    t_torch = _median_ms(torch_step, repeat)
+    print(f", PyTorch eager {t_torch:.1f} ms, tinygpt/PyTorch time ratio {t_ours / t_torch:.2f}"
+          " (target <= 1.2)")
+
+
+def _torch_block(block, x: np.ndarray, dy: np.ndarray, n_head: int) -> Callable | None:
+    """The same pre-LN block in PyTorch eager, weights copied from ours; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(2)
+    F = torch.nn.functional
+
+    def p(a):
+        return torch.tensor(a, requires_grad=True)
+
+    ln1 = (p(block.ln_1.weight.data), p(block.ln_1.bias.data))
+    ln2 = (p(block.ln_2.weight.data), p(block.ln_2.bias.data))
+    lin = {name: (p(m.weight.data.T.copy()), p(m.bias.data)) for name, m in
+           (("c_attn", block.attn.c_attn), ("attn_proj", block.attn.c_proj),
+            ("c_fc", block.mlp.c_fc), ("mlp_proj", block.mlp.c_proj))}
+    xt, dyt = torch.tensor(x, requires_grad=True), torch.tensor(dy)
+    B, T, C = x.shape
+
+    def forward():
+        h = F.layer_norm(xt, (C,), *ln1)
+        q, k, v = F.linear(h, *lin["c_attn"]).view(B, T, 3, n_head, C // n_head).permute(
+            2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = xt + F.linear(y.transpose(1, 2).reshape(B, T, C), *lin["attn_proj"])
+        h = F.gelu(F.linear(F.layer_norm(y, (C,), *ln2), *lin["c_fc"]), approximate="tanh")
+        return y + F.linear(h, *lin["mlp_proj"])
+
+    with torch.no_grad():                       # sanity: both compute the same block
+        ours = block(__import__("tinygpt").Tensor(x)).data
+        gap = float(np.abs(forward().numpy() - ours).max())
+    if gap > 1e-3:
+        print(f" [warning: PyTorch block differs by {gap:.2e}]", end="")
+
+    def step():
+        xt.grad = None
+        for t in (*ln1, *ln2, *(w for pair in lin.values() for w in pair)):
+            t.grad = None
+        forward().backward(dyt)
+
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:
