@@ -165,6 +165,123 @@ class _TextStream:
         return text
 
 
+# --- pretrain ----------------------------------------------------------------------------------
+
+VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
+               "01_main-chapter-code/the-verdict.txt")
+RENAMED_FLAGS = {"out_dir": ("--out", "--out-dir")}     # the issue's spelling, and the field's
+
+
+def _field_parser(type_name: str):
+    """An argparse `type` for a dataclass field annotation such as 'int' or 'float | None'."""
+    base = type_name.replace(" | None", "")
+    convert = {"int": int, "float": float, "str": str,
+               "bool": lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]}
+    if base not in convert:
+        raise TypeError(f"no command-line parser for a field of type {type_name}")
+
+    def parse(text: str):
+        if type_name.endswith("| None") and text.lower() == "none":
+            return None
+        try:
+            return convert[base](text)
+        except (ValueError, KeyError):
+            raise argparse.ArgumentTypeError(f"expected {type_name}, got {text!r}") from None
+    parse.__name__ = type_name                   # argparse names it in "invalid ... value"
+    return parse
+
+
+def _add_pretrain(sub) -> None:
+    from dataclasses import MISSING, fields
+
+    from tinygpt.train import TrainConfig
+    p = sub.add_parser("pretrain", allow_abbrev=False,
+                       help="train a GPT from scratch on a text file (default: the book's "
+                            "the-verdict.txt)",
+                       description="Pretrain a GPT with next-token prediction. Flags below "
+                       "--resume are TrainConfig fields (tinygpt/train.py documents their units).")
+    p.add_argument("--data", default=None, help="UTF-8 text file, or a directory from `tinygpt "
+                   "prepare`; default: the book's the-verdict.txt, downloaded into the cache")
+    p.add_argument("--model", default=None, help="preset (gpt2, gpt-mini, ...) or a JSON file "
+                   "of GPTConfig fields; vocab and block size come from the data (default gpt2)")
+    p.add_argument("--dropout", type=float, default=None, help="model dropout (default 0.1)")
+    p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2",
+                   help="for a text file (default gpt2)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                   "checkpoint; flags not given are taken from it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        flags = RENAMED_FLAGS.get(f.name, ("--" + f.name.replace("_", "-"),))
+        # SUPPRESS: only flags actually given reach the config (so --resume can tell them apart)
+        p.add_argument(*flags, dest=f.name, type=_field_parser(str(f.type)),
+                       default=argparse.SUPPRESS, metavar=str(f.type).split()[0].upper(),
+                       help=f"default {default}")
+
+
+def _pretrain_text(cache_dir) -> str:
+    """The book's text, from the cache or downloaded into it; offline, an error naming --data."""
+    from pathlib import Path
+
+    from tinygpt.download import download_file
+    path = Path(cache_dir) / "the-verdict.txt"
+    try:
+        return str(download_file(VERDICT_URL, path, progress=False, timeout=10.0, retries=0))
+    except OSError as e:
+        raise CLIError(f"no --data given and the book's text could not be downloaded ({e}); "
+                       "pass --data FILE (e.g. ../shared/data/the-verdict.txt)") from None
+
+
+def _run_pretrain(args) -> int:
+    import json
+    import os
+    import time
+    from dataclasses import asdict, fields, replace
+    from pathlib import Path
+
+    from tinygpt import GPT, GPTConfig
+    from tinygpt.checkpoint import read_record
+    from tinygpt.train import TrainConfig, TrainingDiverged, pretrain_data, train
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.resume:
+        if "out_dir" not in given:
+            raise CLIError("--resume needs --out DIR, the run to continue")
+        record = read_record(given["out_dir"])
+        cfg = replace(TrainConfig(**record["train_config"]), **given)
+        model_cfg = GPTConfig(**record["model_config"])
+        data = args.data or record.get("extra", {}).get("data")
+        tokenizer = record.get("extra", {}).get("tokenizer", args.tokenizer)
+    else:
+        cfg = TrainConfig(**{"out_dir": "runs/pretrain", **given})
+        model_cfg, data, tokenizer = None, args.data, args.tokenizer
+    if data is None:
+        cache = os.environ.get("TINYGPT_CACHE") or Path.home() / ".cache" / "tinygpt"
+        data = _pretrain_text(cache)
+    train_data, val_data, tok = pretrain_data(data, cfg, tokenizer)
+    if model_cfg is None or args.model is not None or args.dropout is not None:
+        name = args.model or "gpt2"           # on --resume, a different model is an error later
+        base = (GPTConfig(**json.loads(Path(name).read_text())) if name.endswith(".json")
+                else GPTConfig.preset(name))
+        dropout = args.dropout if args.dropout is not None else 0.1
+        model_cfg = replace(base, vocab_size=tok.n_vocab, block_size=cfg.context_length,
+                            dropout=dropout)
+    model = GPT(model_cfg, seed=cfg.seed)
+    print(f"pretrain: {data}; model {model.num_parameters():,} parameters "
+          f"({json.dumps(asdict(model_cfg))}); {len(train_data)} batches per epoch")
+    start = time.perf_counter()
+    try:
+        result = train(model, train_data, val_data, cfg, tokenizer=tok, log=print,
+                       progress=not args.quiet, resume=args.resume,
+                       extra={"data": str(data), "tokenizer": tokenizer})
+    except TrainingDiverged as e:
+        raise CLIError(str(e)) from None
+    last = result.evals[-1]
+    print(f"done: {result.step} steps, train {last['train_loss']:.3f}, val "
+          f"{last['val_loss']:.3f}, {time.perf_counter() - start:.0f} s; logs and checkpoint "
+          f"in {cfg.out_dir}")
+    return 0
+
+
 # --- command table ------------------------------------------------------------------------------
 
 COMMANDS = {
@@ -172,6 +289,7 @@ COMMANDS = {
     "prepare": (_add_prepare, _run_prepare),
     "download": (_add_download, _run_download),
     "generate": (_add_generate, _run_generate),
+    "pretrain": (_add_pretrain, _run_pretrain),
 }
 
 

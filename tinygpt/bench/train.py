@@ -1,0 +1,217 @@
+"""Training-step benchmark: tokens/s of forward + loss + backward + AdamW, vs PyTorch eager.
+
+    python -m tinygpt.bench train [--only mini,124m] [--steps 3] [--no-torch]
+
+Configs: "mini" = preset gpt-mini (6 layers, 384 wide, 6 heads, GPT-2 vocab) at context 256, batch
+8; "124m" = preset gpt2 (untied, the book's) at context 256, batch 4. Dropout 0. Each (config,
+framework) runs in its own subprocess, so peak RSS (getrusage ru_maxrss) is that run's alone.
+
+Model FLOPs utilisation (MFU) = achieved model FLOP/s / NumPy sgemm FLOP/s measured in the same
+run, with model FLOPs per token = 6 N + 12 L C T (N = parameters that multiply: everything but the
+embedding lookups; 12 L C T: attention scores and weighted sum, forward and backward, counted for
+the full T x T square as the kernels compute it). The PyTorch model is defined below with the same
+shapes and initialisation, 2 threads, attention written out as in the book (no fused SDPA kernel),
+and torch.optim.AdamW with the same decay groups.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CONFIGS = {"mini": ("gpt-mini", 8), "124m": ("gpt2", 4)}      # name -> (preset, batch size)
+T = 256
+
+
+def model_flops_per_token(cfg) -> float:
+    """6 N + 12 L C T: N counts the weights used in matmuls (the head, but not wte/wpe lookups,
+    unless wte is tied and so is also the head)."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    per_block = 2 * C + C * 3 * C + (3 * C if cfg.qkv_bias else 0) + C * C + C + 2 * C \
+        + 2 * C * cfg.mlp_width + cfg.mlp_width + C
+    n = cfg.n_layer * per_block + 2 * C + C * V
+    return 6 * n + 12 * cfg.n_layer * C * cfg.block_size
+
+
+def sgemm_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """Best-of-`repeat` float32 GEMM rate, (n x n) @ (n x n)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    out = np.empty((n, n), np.float32)
+    np.matmul(a, b, out=out)
+    best = min(_timed(lambda: np.matmul(a, b, out=out)) for _ in range(repeat))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _batch(vocab: int, B: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (B, T + 1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def run_tinygpt(preset: str, B: int, steps: int) -> dict:
+    from tinygpt import GPT, GPTConfig
+    from tinygpt.optim import global_grad_norm
+    from tinygpt.train import TrainConfig, default_loss, make_optimizer
+    cfg = GPTConfig.preset(preset, block_size=T, dropout=0.0)
+    model = GPT(cfg, seed=0)
+    opt = make_optimizer(model, TrainConfig(context_length=T, batch_size=B))
+    params = model.parameters()
+    x, y = _batch(cfg.vocab_size, B)
+
+    def step():                                  # what train() does per step, accum=1
+        loss = default_loss(model, x, y)
+        loss.backward()
+        norm = global_grad_norm(params)
+        opt.step(grad_scale=min(1.0, 1.0 / norm) if norm > 1.0 else 1.0)
+        opt.zero_grad()
+    return _measure(step, steps, B, cfg)
+
+
+def run_torch(preset: str, B: int, steps: int) -> dict:
+    import torch
+    torch.set_num_threads(2)
+    from tinygpt import GPTConfig
+    cfg = GPTConfig.preset(preset, block_size=T, dropout=0.0)
+    model = _torch_gpt(torch, cfg)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wte" not in n
+             and "wpe" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wte" not in n
+                                                               and "wpe" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=4e-4)
+    x, y = (torch.from_numpy(a) for a in _batch(cfg.vocab_size, B))
+
+    def step():
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return _measure(step, steps, B, cfg)
+
+
+def _measure(step, steps: int, B: int, cfg) -> dict:
+    step()                                       # warm-up: numba compile/cache load, allocations
+    seconds = _timed(lambda: [step() for _ in range(steps)])
+    tokens_per_s = B * T * steps / seconds
+    return {"tokens_per_s": tokens_per_s, "step_s": seconds / steps,
+            "model_gflops": tokens_per_s * model_flops_per_token(cfg) / 1e9,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _torch_gpt(torch, cfg):
+    """The same GPT in PyTorch: pre-LN blocks, tanh GELU, untied head, GPT-2 initialisation."""
+    nn, F = torch.nn, torch.nn.functional
+    C, NH = cfg.n_embd, cfg.n_head
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn = nn.Linear(C, 3 * C, bias=cfg.qkv_bias)
+            self.attn_proj = nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, cfg.mlp_width), nn.Linear(cfg.mlp_width, C)
+            self.register_buffer("mask", torch.ones(T, T, dtype=torch.bool).triu(1))
+
+        def forward(self, x):
+            B_, T_, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).view(B_, T_, 3, NH, C // NH).permute(2, 0, 3, 1, 4)
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(C // NH)
+            att = att.masked_fill(self.mask[:T_, :T_], float("-inf")).softmax(-1)
+            x = x + self.attn_proj((att @ v).transpose(1, 2).reshape(B_, T_, C))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(cfg.vocab_size, C), nn.Embedding(cfg.block_size, C)
+            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
+            self.ln_f = nn.LayerNorm(C)
+            self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+            for name, p in self.named_parameters():
+                if p.ndim >= 2:
+                    std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") \
+                        else (0.01 if name.startswith("wpe") else 0.02)
+                    nn.init.normal_(p, std=std)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(p)
+
+        def forward(self, idx):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            return self.lm_head(self.ln_f(x))
+
+    torch.manual_seed(0)
+    return GPT()
+
+
+def _child(framework: str, name: str, steps: int) -> int:
+    preset, B = CONFIGS[name]
+    run = run_torch if framework == "torch" else run_tinygpt
+    print(json.dumps(run(preset, B, steps)))
+    return 0
+
+
+def _spawn(framework: str, name: str, steps: int) -> dict | None:
+    proc = subprocess.run([sys.executable, "-m", "tinygpt.bench.train", "--child", framework,
+                           "--only", name, "--steps", str(steps)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{framework} {name}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinygpt bench train", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="mini,124m", help="comma-separated: mini, 124m")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--child", choices=("tinygpt", "torch"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    if any(n not in CONFIGS for n in names):
+        parser.error(f"--only takes {', '.join(CONFIGS)}")
+    if args.child:
+        return _child(args.child, names[0], args.steps)
+    try:
+        import torch  # noqa: F401  (only to know whether to compare)
+        have_torch = not args.no_torch
+    except ImportError:
+        have_torch = False
+    gemm = sgemm_gflops()
+    print(f"NumPy sgemm 2048^3 float32: {gemm:.0f} GFLOP/s (the MFU denominator); "
+          f"context {T}, {args.steps} timed steps after a warm-up step, each run in a subprocess")
+    print(f"{'config':<24}{'framework':<10}{'tokens/s':>10}{'step s':>8}{'GFLOP/s':>9}"
+          f"{'MFU':>7}{'peak RSS MB':>13}{'vs torch':>10}")
+    for name in names:
+        preset, B = CONFIGS[name]
+        ours = _spawn("tinygpt", name, args.steps)
+        theirs = _spawn("torch", name, args.steps) if have_torch else None
+        for framework, r in (("tinygpt", ours), ("torch", theirs)):
+            if r is None:
+                continue
+            ratio = (f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
+                     if framework == "tinygpt" and ours and theirs else "")
+            print(f"{f'{name} ({preset}, B={B})':<24}{framework:<10}{r['tokens_per_s']:>10,.0f}"
+                  f"{r['step_s']:>8.2f}{r['model_gflops']:>9.0f}"
+                  f"{100 * r['model_gflops'] / gemm:>6.0f}%{r['peak_rss_mb']:>13,.0f}{ratio:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""The training loop: `TrainConfig` and `train(model, train_data, val_data, cfg)`.
+
+One loop serves pretraining (the CLI's `tinygpt pretrain`, the demos) and fine-tuning alike: it
+takes any re-iterable of `(x, y)` batches (one pass = one epoch) and an optional
+`loss_fn(model, x, y) -> Tensor` (default: the GPT's mean next-token cross-entropy). Per step:
+
+    for each of `accum` micro-batches:  loss = loss_fn(model, x, y); loss.backward()
+    g_norm = ||all grads|| / accum;  scale = 1/accum * min(1, grad_clip / g_norm)
+    optimizer.step(grad_scale=scale)  with lr = lr_at(step) (warmup, then cosine)
+
+Every `eval_freq` steps (and at step 0 and the end): mean train and val loss over `eval_iter`
+batches with dropout off, perplexity exp(loss), and a greedy sample from `start_context`.
+Figures go to the `log` callback and a tqdm bar (stderr); with `out_dir`, also to `log.csv`,
+`loss.png` (if matplotlib is installed) and checkpoints (see `checkpoint.py`).
+
+Resume is bit-identical: a checkpoint holds the parameters, AdamW's moments, the step, the
+data loader's RNG state at the start of the current epoch plus how many batches of that epoch were
+used, and the model's dropout RNG. Evaluation saves and restores the loader's RNG, so evaluating
+never changes which batches training sees.
+
+    python -m tinygpt pretrain --max-steps 20       # the book's the-verdict.txt
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from tinygpt.autograd import Tensor, no_grad
+from tinygpt.checkpoint import load_checkpoint, read_record, save_checkpoint
+from tinygpt.optim import SGD, AdamW, global_grad_norm, lr_at
+
+Batch = tuple[np.ndarray, np.ndarray]
+LossFn = Callable[[Any, np.ndarray, np.ndarray], Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Units in the comments; a "step" is one optimizer update."""
+    context_length: int = 256        # tokens per window T (the CLI sets the model's block_size)
+    batch_size: int = 4              # windows per micro-batch B
+    epochs: int = 1                  # passes over the training data (when max_steps is 0)
+    max_steps: int = 0               # optimizer steps in total; 0: epochs * batches // accum
+    accum: int = 1                   # micro-batches per step; tokens/step = accum * B * T
+    optimizer: str = "adamw"         # "adamw" or "sgd"
+    lr: float = 4e-4                 # peak learning rate (the book's chapter 5: 4e-4)
+    min_lr: float | None = None      # end of the cosine decay; None: lr (no decay)
+    warmup: int = 0                  # steps of linear warmup from lr/warmup to lr
+    weight_decay: float = 0.1        # decoupled, matrices only (not biases or LayerNorm)
+    decay_embeddings: bool = False   # also decay wte and wpe
+    beta1: float = 0.9               # AdamW first-moment decay (SGD: momentum)
+    beta2: float = 0.999             # AdamW second-moment decay
+    grad_clip: float = 1.0           # max global gradient norm; 0: no clipping
+    eval_freq: int = 100             # steps between evaluations (also at step 0 and the end)
+    eval_iter: int = 20              # batches per loss estimate, train and val each
+    ckpt_freq: int = 0               # steps between checkpoints; 0: at the end only
+    seed: int = 123                  # model init and data order (used by the CLI and demos)
+    start_context: str = "Every effort moves you"   # prompt of the samples at each eval
+    sample_tokens: int = 50          # tokens per greedy sample; 0: no samples
+    out_dir: str | None = None       # log.csv, loss.png, checkpoints; None: write nothing
+
+    def __post_init__(self):
+        for name in ("context_length", "batch_size", "epochs", "accum", "eval_freq",
+                     "eval_iter"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup", "ckpt_freq", "sample_tokens", "lr", "weight_decay",
+                     "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', got "
+                             f"{self.optimizer!r}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"TrainConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+
+    def lr_at(self, step: int, max_steps: int) -> float:
+        min_lr = self.lr if self.min_lr is None else self.min_lr
+        return lr_at(step, self.lr, min_lr, self.warmup, max_steps)
+
+
+# fields a resume may change: reporting only, or a longer run (max_steps, epochs; this stretches
+# a cosine schedule, so only an unchanged run resumes bit-identically)
+RESUME_MAY_DIFFER = ("max_steps", "epochs", "eval_freq", "eval_iter", "ckpt_freq", "start_context",
+                     "sample_tokens", "out_dir")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: per-step train losses of this call and every evaluation so far."""
+    steps: list[int] = field(default_factory=list)        # step numbers done in this call
+    losses: list[float] = field(default_factory=list)     # their train losses (micro-batch mean)
+    evals: list[dict] = field(default_factory=list)       # rows of log.csv, whole run
+    step: int = 0                                          # steps done in total
+    tokens_seen: int = 0
+    seconds: float = 0.0                                   # wall time of this call
+
+
+def default_loss(model, x: np.ndarray, y: np.ndarray) -> Tensor:
+    """Mean next-token cross-entropy of a GPT."""
+    return model(x, y)[1]
+
+
+def make_optimizer(model, cfg: TrainConfig) -> AdamW | SGD:
+    if cfg.optimizer == "sgd":
+        return SGD(model.named_parameters(), lr=cfg.lr, momentum=cfg.beta1,
+                   weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings)
+    return AdamW(model.named_parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                 weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings)
+
+
+def estimate_loss(model, data: Iterable[Batch], n_batches: int,
+                  loss_fn: LossFn = default_loss) -> float:
+    """Mean loss over the first `n_batches` of `data`, dropout off, no graph; the loader's RNG
+    (if it has one) is left as it was, so evaluating does not change training's data order."""
+    rng = getattr(data, "rng", None)
+    saved = rng.bit_generator.state if rng is not None else None
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        with no_grad():
+            for x, y in data:
+                if n == n_batches:
+                    break
+                total += float(loss_fn(model, x, y).data)
+                n += 1
+    finally:
+        model.train(was_training)
+        if rng is not None:
+            rng.bit_generator.state = saved
+    if n == 0:
+        raise ValueError("cannot estimate a loss: the data has no batches")
+    return total / n
+
+
+class _Cursor:
+    """Where training is in the data: epoch, micro-batches used in it, loader RNG at its start."""
+
+    def __init__(self, epoch: int = 0, batch: int = 0, epoch_rng: dict | None = None):
+        self.epoch, self.batch, self.epoch_rng = epoch, batch, epoch_rng
+
+    def batches(self, data: Iterable[Batch]) -> Iterator[Batch]:
+        """Micro-batches forever, epoch after epoch, starting from this position."""
+        rng = getattr(data, "rng", None)
+        while True:
+            if rng is not None:
+                if self.epoch_rng is not None:          # resuming: replay this epoch's shuffle
+                    rng.bit_generator.state = self.epoch_rng
+                self.epoch_rng = rng.bit_generator.state
+            it = iter(data)
+            for _ in range(self.batch):                 # skip what was used before the resume
+                next(it)
+            n_before = self.batch
+            for x, y in it:
+                self.batch += 1
+                yield x, y
+            if self.batch == 0 and n_before == 0:
+                raise ValueError("the training data yielded no batches (is the dataset smaller "
+                                 "than one batch?)")
+            self.epoch, self.batch, self.epoch_rng = self.epoch + 1, 0, None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "epoch_rng": self.epoch_rng}
+
+
+def _total_steps(train_data, cfg: TrainConfig) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    try:
+        n = len(train_data)
+    except TypeError:
+        raise ValueError("the training data has no length: set max_steps") from None
+    if n < cfg.accum:
+        raise ValueError(f"the training data has {n} batches per epoch, fewer than accum="
+                         f"{cfg.accum}: nothing to train on")
+    return cfg.epochs * n // cfg.accum
+
+
+def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
+          cfg: TrainConfig, *, loss_fn: LossFn = default_loss, tokenizer=None,
+          log: Callable[[str], None] | None = None, progress: bool = True,
+          resume: bool = False, extra: dict | None = None) -> TrainResult:
+    """Train `model` on `train_data` per `cfg`; see the module docstring.
+
+    Args:
+        train_data, val_data: re-iterables of int64 (x, y) batches, e.g. `tinygpt.data.DataLoader`;
+            one pass is one epoch. A `.rng` Generator on train_data is saved in checkpoints.
+        loss_fn: `loss_fn(model, x, y) -> scalar Tensor`, for classifiers and fine-tuning.
+        tokenizer: with `.encode`/`.decode`, turns on the samples from `cfg.start_context`.
+        log: called with each message (evaluations, samples, checkpoints); None: silent.
+        resume: continue from the checkpoint in `cfg.out_dir`, bit-identically.
+        extra: JSON-ready values stored in checkpoints (the CLI keeps its data path there).
+    Raises TrainingDiverged on a NaN/inf loss or gradient, before that step's update.
+    """
+    out = _prepare_out_dir(cfg.out_dir, resume)
+    optimizer = make_optimizer(model, cfg)
+    max_steps = _total_steps(train_data, cfg)
+    cursor, result = _Cursor(), TrainResult()
+    if resume:
+        _resume(model, optimizer, cursor, result, cfg, out)
+    run = _Run(model, optimizer, cursor, result, cfg, out, max_steps, log, progress, extra or {})
+    params = model.parameters()
+    batches = cursor.batches(train_data)
+    start = time.perf_counter()
+    model.train()
+    try:
+        if not result.evals:
+            run.evaluate(train_data, val_data, loss_fn, tokenizer)
+        while result.step < max_steps:
+            step_start = time.perf_counter()
+            optimizer.lr = cfg.lr_at(result.step, max_steps)
+            loss, n_tokens = run.accumulate(batches, loss_fn)
+            norm = global_grad_norm(params) / cfg.accum
+            if not math.isfinite(norm):
+                run.diverged(f"gradient norm is {norm}")
+            clip = cfg.grad_clip / norm if cfg.grad_clip and norm > cfg.grad_clip else 1.0
+            optimizer.step(grad_scale=clip / cfg.accum)
+            optimizer.zero_grad()
+            result.step += 1
+            result.tokens_seen += n_tokens
+            result.steps.append(result.step)
+            result.losses.append(loss)
+            run.bar_update(loss, optimizer.lr, n_tokens / (time.perf_counter() - step_start))
+            last = result.step == max_steps
+            if result.step % cfg.eval_freq == 0 or last:
+                run.evaluate(train_data, val_data, loss_fn, tokenizer)
+            if out is not None and (last or cfg.ckpt_freq and result.step % cfg.ckpt_freq == 0):
+                run.checkpoint()
+    finally:
+        run.close()
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def _prepare_out_dir(out_dir: str | None, resume: bool) -> Path | None:
+    """Create `out_dir` and check it is writable, before any time is spent training."""
+    if out_dir is None:
+        if resume:
+            raise ValueError("resume needs out_dir: the checkpoint to continue lives there")
+        return None
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".write-test", "wb"):
+            pass
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise _os_error(e, f"output directory {out} is not writable: {e.strerror or e}") from None
+    if not resume and (out / "checkpoint.json").exists():
+        raise ValueError(f"{out} already holds a checkpoint: resume it (--resume), or choose "
+                         "another output directory")
+    return out
+
+
+def _os_error(e: OSError, msg: str) -> OSError:
+    """An OSError with e's errno but our message (str() would prefix "[Errno N]")."""
+    new = OSError(msg)
+    new.errno = e.errno
+    return new
+
+
+def _config_diff(saved: dict, current: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    keys = [k for k in {**saved, **current} if k not in skip]
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+def _resume(model, optimizer, cursor: _Cursor, result: TrainResult, cfg: TrainConfig,
+            out: Path) -> None:
+    """Load the checkpoint in `out` into the model, optimizer, cursor and result."""
+    record = read_record(out)
+    model_cfg = asdict(model.config) if hasattr(model, "config") else {}
+    diff = _config_diff(record.get("model_config", {}), model_cfg)
+    if diff:
+        raise ValueError(f"checkpoint in {out} is for another model config ({'; '.join(diff)})")
+    diff = _config_diff(record.get("train_config", {}), asdict(cfg), RESUME_MAY_DIFFER)
+    if diff:
+        raise ValueError(f"checkpoint in {out} was trained with other settings "
+                         f"({'; '.join(diff)}); resume with the same ones")
+    arrays, record = load_checkpoint(out)
+    model.load_state_dict({k[6:]: a for k, a in arrays.items() if k.startswith("model.")})
+    optimizer.load_state(record["optimizer"],
+                         {k[6:]: a for k, a in arrays.items() if k.startswith("optim.")})
+    cursor.__init__(**record["cursor"])
+    if record.get("model_rng") is not None:
+        model.rng.bit_generator.state = record["model_rng"]
+    result.step, result.tokens_seen = record["step"], record["tokens_seen"]
+    result.evals = record["history"]
+
+
+class _Run:
+    """The loop's bookkeeping: progress bar, messages, evaluations, logs and checkpoints."""
+
+    def __init__(self, model, optimizer, cursor: _Cursor, result: TrainResult, cfg: TrainConfig,
+                 out: Path | None, max_steps: int, log, progress: bool, extra: dict):
+        from tqdm import tqdm
+        self.model, self.optimizer, self.cursor, self.result = model, optimizer, cursor, result
+        self.cfg, self.out, self.max_steps, self.log, self.extra = cfg, out, max_steps, log, extra
+        self.last_ckpt = result.step if result.evals else None
+        self.bar = tqdm(total=max_steps, initial=result.step, desc="train", unit="step",
+                        disable=not progress, dynamic_ncols=True, leave=False)
+
+    def say(self, msg: str) -> None:
+        if self.log is not None:
+            with self.bar.external_write_mode():
+                self.log(msg)
+
+    def bar_update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s",
+                                 refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def diverged(self, what: str) -> None:
+        kept = (f"the last good checkpoint (step {self.last_ckpt}) is in {self.out}"
+                if self.last_ckpt is not None else "no checkpoint was written")
+        raise TrainingDiverged(f"training diverged at step {self.result.step + 1}: {what}; "
+                               f"stopped before updating the weights; {kept}")
+
+    def accumulate(self, batches: Iterator[Batch], loss_fn: LossFn) -> tuple[float, int]:
+        """Forward and backward `accum` micro-batches; grads add up in the leaves."""
+        total, n_tokens = 0.0, 0
+        for _ in range(self.cfg.accum):
+            x, y = next(batches)
+            loss = loss_fn(self.model, x, y)
+            value = float(loss.data)
+            if not math.isfinite(value):
+                self.diverged(f"loss is {value} (epoch {self.cursor.epoch + 1})")
+            loss.backward()
+            total += value
+            n_tokens += int(np.size(x))
+        return total / self.cfg.accum, n_tokens
+
+    def evaluate(self, train_data, val_data, loss_fn: LossFn, tokenizer) -> None:
+        cfg, r = self.cfg, self.result
+        train_loss = estimate_loss(self.model, train_data, cfg.eval_iter, loss_fn)
+        val_loss = (estimate_loss(self.model, val_data, cfg.eval_iter, loss_fn)
+                    if val_data is not None else math.nan)
+        row = {"step": r.step, "epoch": self.cursor.epoch + 1, "tokens_seen": r.tokens_seen,
+               "lr": self.optimizer.lr, "train_loss": train_loss, "val_loss": val_loss,
+               "train_ppl": _ppl(train_loss), "val_ppl": _ppl(val_loss)}
+        r.evals.append(row)
+        self.say(f"step {r.step:>6} | epoch {row['epoch']:>3} | tokens {r.tokens_seen:>10,} | "
+                 f"train {train_loss:.3f} (ppl {row['train_ppl']:.1f}) | val {val_loss:.3f} "
+                 f"(ppl {row['val_ppl']:.1f}) | lr {self.optimizer.lr:.2e}")
+        if tokenizer is not None and cfg.sample_tokens and hasattr(self.model, "config"):
+            self.say(f"sample: {sample_text(self.model, tokenizer, cfg)}")
+        if self.out is not None:
+            write_log(r.evals, self.out)
+
+    def checkpoint(self) -> None:
+        arrays = {f"model.{n}": p.data for n, p in self.model.named_parameters()}
+        arrays.update({f"optim.{k}": a for k, a in self.optimizer.state_arrays().items()})
+        model_rng = getattr(self.model, "rng", None)
+        record = {"step": self.result.step, "tokens_seen": self.result.tokens_seen,
+                  "cursor": self.cursor.state(),
+                  "model_rng": model_rng.bit_generator.state if model_rng is not None else None,
+                  "model_config": asdict(self.model.config) if hasattr(self.model, "config")
+                  else {},
+                  "train_config": asdict(self.cfg), "optimizer": self.optimizer.state_dict(),
+                  "history": self.result.evals, "extra": self.extra}
+        path = save_checkpoint(self.out, arrays, record)
+        self.last_ckpt = self.result.step
+        self.say(f"checkpoint: step {self.result.step} -> {path}")
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else math.nan
+
+
+def sample_text(model, tokenizer, cfg: TrainConfig) -> str:
+    """Greedy continuation of `cfg.start_context`, newlines shown as spaces (as in the book)."""
+    from tinygpt.generate import generate
+    ids = np.asarray(tokenizer.encode(cfg.start_context), dtype=np.int64)[None, :]
+    out = generate(model, ids, cfg.sample_tokens)
+    return tokenizer.decode(out[0].tolist()).replace("\n", " ")
+
+
+LOG_COLUMNS = ("step", "epoch", "tokens_seen", "lr", "train_loss", "val_loss", "train_ppl",
+               "val_ppl")
+
+
+def write_log(evals: list[dict], out: Path) -> None:
+    """`log.csv` (always) and `loss.png` (when matplotlib is installed) from the eval rows."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in LOG_COLUMNS} for row in evals)
+    tmp = out / ".log.csv.tmp"
+    tmp.write_text(buf.getvalue())
+    tmp.replace(out / "log.csv")
+    plot_losses(evals, out / "loss.png")
+
+
+def plot_losses(evals: list[dict], path: Path) -> bool:
+    """Train and val loss against steps (bottom axis) and tokens seen (top), as in the book's
+    figure 5.12. Returns False, silently, without matplotlib (the optional `plot` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [r["step"] for r in evals]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["train_loss"] for r in evals], label="train")
+    ax.plot(steps, [r["val_loss"] for r in evals], linestyle="-.", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    top = ax.twiny()                              # same curve against tokens seen
+    top.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals], alpha=0)
+    top.set_xlabel("tokens seen")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# --- data for `tinygpt pretrain`: a text file, or a directory written by `tinygpt prepare` ------
+
+class SampledBatches:
+    """Batches of random windows from a `MemmapDataset`; an "epoch" is as many batches as it takes
+    to see about every token once. The windows come from `self.rng`, which checkpoints save."""
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.n_batches = max(1, len(dataset) // (batch_size * dataset.max_length))
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        for _ in range(self.n_batches):
+            yield self.dataset.sample_batch(self.batch_size, self.rng)
+
+
+def pretrain_data(path: str | Path, cfg: TrainConfig, tokenizer: str = "gpt2",
+                  val_fraction: float = 0.1):
+    """(train batches, val batches, tokenizer) for a UTF-8 text file or a `prepare`d directory.
+
+    A text file is split by characters (the book's 90/10) into windows of `cfg.context_length`
+    tokens with stride `cfg.context_length`, the training batches shuffled with `cfg.seed`.
+    """
+    from tinygpt.data import (DataLoader, GPTDataset, MemmapDataset, read_meta, read_text,
+                              train_val_split)
+    from tinygpt.tokenizer import CharTokenizer, get_tokenizer
+    path, T, B = Path(path), cfg.context_length, cfg.batch_size
+    if path.is_dir():
+        meta = read_meta(path)
+        tok = (CharTokenizer(meta["chars"]) if meta["tokenizer"] == "char"
+               else get_tokenizer(meta["tokenizer"]))
+        train_ds, val_ds = (MemmapDataset.from_prepared(path, s, T) for s in ("train", "val"))
+        return SampledBatches(train_ds, B, cfg.seed), SampledBatches(val_ds, B, cfg.seed + 1), tok
+    text = read_text(path)
+    tok = get_tokenizer(tokenizer, text=text)
+    parts = dict(zip(("training", "validation"), train_val_split(text, val_fraction)))
+    loaders = []
+    for name, part in parts.items():
+        try:
+            dataset = GPTDataset.from_text(part, tok, T, T)
+        except ValueError as e:
+            raise ValueError(f"{path}: the {name} split ({len(part):,} characters) is too short "
+                             f"for one window of context_length={T}: {e}") from None
+        shuffle = name == "training"
+        loaders.append(DataLoader(dataset, B, shuffle=shuffle, drop_last=shuffle, seed=cfg.seed))
+    if len(loaders[0]) == 0:
+        raise ValueError(f"{path}: the training split has {len(loaders[0].dataset)} windows of "
+                         f"{T} tokens, fewer than one batch of {B}")
+    return loaders[0], loaders[1], tok
