@@ -127,7 +127,7 @@ def test_interior_grads_are_not_kept_unless_asked():
     assert h.grad is None and x.grad is not None
 
 
-# --- sums over paths --------------------------------------------------------------------------------
+# --- sums over paths ------------------------------------------------------------------------------
 
 def test_tensor_used_several_times_gets_the_sum_of_all_paths():
     x = Tensor(np.array([-1.5, 0.0, 2.0]), requires_grad=True)
@@ -155,7 +155,8 @@ def expression_dags(draw):
     for i in range(n_steps):
         n_values = 2 + i
         if draw(st.booleans()):
-            steps.append((draw(st.sampled_from(sorted(_UNARY))), draw(st.integers(0, n_values - 1))))
+            steps.append((draw(st.sampled_from(sorted(_UNARY))),
+                          draw(st.integers(0, n_values - 1))))
         else:
             steps.append((draw(st.sampled_from(sorted(_BINARY))),
                           draw(st.integers(0, n_values - 1)), draw(st.integers(0, n_values - 1))))
@@ -189,7 +190,7 @@ def test_long_chain_has_no_recursion_limit():
     np.testing.assert_allclose(x.grad, [1.0001 ** 5000] * 2, rtol=1e-10)
 
 
-# --- no_grad -----------------------------------------------------------------------------------------
+# --- no_grad --------------------------------------------------------------------------------------
 
 def test_no_grad_records_no_graph_and_nests():
     x = Tensor([1.0, 2.0], requires_grad=True)
@@ -212,7 +213,7 @@ def test_no_grad_restores_state_after_an_exception():
     assert (Tensor([1.0], requires_grad=True) * 2.0).requires_grad
 
 
-# --- a wrong backward fails at its op ----------------------------------------------------------------
+# --- a wrong backward fails at its op -------------------------------------------------------------
 
 class _SumForgetsShape(Function):
     """y = 2x, but backward returns a summed (wrong-shape) gradient."""
@@ -244,7 +245,7 @@ def test_wrong_backward_is_caught_at_its_op(fn):
         y.backward()
 
 
-# --- memory: saved arrays are released after backward -------------------------------------------------
+# --- memory: saved arrays are released after backward ---------------------------------------------
 
 class _SavesACopy(Function):
     """y = x * c with c a fresh array that only the context holds."""

@@ -1,4 +1,4 @@
-"""Generation (tinygpt/generate.py): greedy, KV cache vs no cache, streaming, sampling, eos, errors."""
+"""Generation (tinygpt/generate.py): greedy, KV cache vs none, streaming, sampling, eos, errors."""
 import numpy as np
 import pytest
 
@@ -6,7 +6,7 @@ from tinygpt.generate import generate, next_token_logits, sample, stream
 from tests.test_model import tiny_model
 
 V, BLOCK = 11, 8
-PROMPT = np.array([[3, 1, 4, 1, 5]])              # 5 tokens, block_size 8: 12 new ones slide past it
+PROMPT = np.array([[3, 1, 4, 1, 5]])       # 5 tokens, block_size 8: 12 new ones slide past it
 CACHE_RTOL, CACHE_ATOL = 1e-10, 1e-12             # float64: cached and uncached differ by rounding
 
 
@@ -76,7 +76,7 @@ def test_one_dimensional_prompt(model):
     np.testing.assert_array_equal(generate(model, PROMPT[0], 4), generate(model, PROMPT, 4))
 
 
-# --- sampling --------------------------------------------------------------------------------------
+# --- sampling -------------------------------------------------------------------------------------
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
     a = generate(model, PROMPT, 20, temperature=1.0, seed=1)
@@ -116,7 +116,7 @@ def test_top_k_and_top_p_keep_only_the_best_tokens():
     assert set(sample(logits, 1.0, None, 0.5, rng)) == {1}         # 0.5 alone reaches 0.5
 
 
-# --- eos -------------------------------------------------------------------------------------------
+# --- eos ------------------------------------------------------------------------------------------
 
 def test_eos_stops_a_single_row(model):
     free = generate(model, PROMPT, 12)[0, 5:]
@@ -139,7 +139,7 @@ def test_eos_pads_finished_rows(model):
     np.testing.assert_array_equal(out[1], free[1, :5])              # unaffected by row 0
 
 
-# --- errors and state ------------------------------------------------------------------------------
+# --- errors and state -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, needle", [
     (dict(idx=np.array([[1, 11]])), ValueError, "11"),

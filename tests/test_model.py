@@ -1,4 +1,4 @@
-"""The GPT (tinygpt/model.py): config checks, sizes, causality, init loss, overfitting, gradients."""
+"""The GPT (tinygpt/model.py): config checks, sizes, causality, init loss, overfit, gradients."""
 import math
 
 import numpy as np
@@ -22,7 +22,7 @@ def tiny_model(dtype=np.float64, seed: int = 0, noise: float = 0.0, **overrides)
     return model.astype(dtype)
 
 
-# --- config ----------------------------------------------------------------------------------------
+# --- config ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, needle", [
     (dict(n_embd=10, n_head=4), "divisible"),
@@ -79,7 +79,7 @@ def test_parameter_names_are_gpt2s():
     assert len(names) == 4 + 1 + 2 * 12
 
 
-# --- forward properties ----------------------------------------------------------------------------
+# --- forward properties ---------------------------------------------------------------------------
 
 _CAUSAL_MODEL = tiny_model(noise=0.3)
 
@@ -174,7 +174,7 @@ def test_eval_with_dropout_is_deterministic_and_training_is_not():
         np.testing.assert_array_equal(model(idx).data, model(idx).data)
 
 
-# --- gradient of the whole model, float64 ----------------------------------------------------------
+# --- gradient of the whole model, float64 ---------------------------------------------------------
 
 @pytest.mark.parametrize("overrides", [dict(), dict(qkv_bias=True), dict(tie_weights=True)],
                          ids=["untied", "qkv_bias", "tied"])
@@ -198,7 +198,7 @@ def test_tied_head_gets_gradient_from_both_uses():
     assert model.lm_head is None
 
 
-# --- bad token ids ---------------------------------------------------------------------------------
+# --- bad token ids --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("idx, error, needle", [
     (np.array([[1, 11]]), ValueError, "11"),

@@ -1,4 +1,4 @@
-"""Layers (tinygpt/nn.py): parameter discovery and names, train/eval, state dicts, layer gradients."""
+"""Layers (tinygpt/nn.py): parameter discovery and names, train/eval, state dicts, gradients."""
 import numpy as np
 import pytest
 from hypothesis import given
@@ -140,7 +140,7 @@ def test_load_state_dict_lists_every_problem_in_one_error_and_loads_nothing():
         assert needle in msg, needle
     for k, v in m.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
-    with pytest.raises(ValueError, match="wrong shape") as e:     # strict=False: shape still matters
+    with pytest.raises(ValueError, match="wrong shape") as e:   # strict=False: shapes still count
         m.load_state_dict(state, strict=False)
     assert "missing" not in str(e.value)
     del state["scale"]
@@ -205,7 +205,7 @@ def test_gradcheck_parameters_can_fail():
         gradcheck_parameters(mlp, leaky)
 
 
-# --- dropout ----------------------------------------------------------------------------------------
+# --- dropout --------------------------------------------------------------------------------------
 
 def test_dropout_only_in_training_with_grad():
     drop = Dropout(0.5, np.random.default_rng(0))
