@@ -148,9 +148,10 @@ def _find_checkpoint(path_or_name: str | os.PathLike, dir: str | os.PathLike,
     local = Path(dir) / name
     if download or name not in GPT2_NAMES or (local / WEIGHTS_FILE).is_file():
         if name not in GPT2_NAMES and not Path(name).is_dir():
-            raise FileNotFoundError(f"{name}: no such checkpoint directory (a GPT-2 name is one "
-                                    f"of {', '.join(GPT2_NAMES)}; see weights/README.md)")
-        return resolve_gpt2(path_or_name, dir, progress=False)
+            raise FileNotFoundError(f"{name}: no such checkpoint directory (or GPT-2 name: "
+                                    f"{', '.join(GPT2_NAMES)}); fetch one with `tinygpt download "
+                                    "gpt2`, see weights/README.md")
+        return resolve_gpt2(path_or_name, dir)             # downloads show a progress bar
     snapshot = find_hf_snapshot(name)
     if snapshot is None:
         raise FileNotFoundError(f"no GPT-2 weights at {local / WEIGHTS_FILE}: run "
