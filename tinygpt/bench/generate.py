@@ -143,6 +143,9 @@ class _TorchGPT2:
 
     def __init__(self, w: dict, cfg):
         self.w, self.cfg = w, cfg
+        # PyTorch's fastest head for one row is x @ (C, V) contiguous: 5.0 ms vs 8.8 ms for
+        # F.linear(x, wte) (measured, 2 threads). We give it that, at +154 MB of memory.
+        self.head = w["wte.weight"].t().contiguous()
 
     def _linear(self, x, name: str):
         return self.w[name + ".bias"].addmm(x, self.w[name + ".weight"])  # b + x @ W
@@ -164,7 +167,7 @@ class _TorchGPT2:
             h = F.gelu(self._linear(h, p + "mlp.c_fc"), approximate="tanh")
             x = x + self._linear(h, p + "mlp.c_proj")
         x = F.layer_norm(x[-1:], (C,), w["ln_f.weight"], w["ln_f.bias"], 1e-5)
-        return F.linear(x, w["wte.weight"])[0]                                  # (V,)
+        return (x @ self.head)[0]                                               # (V,)
 
     def generate(self, prompt, n: int) -> tuple[list[float], list[int]]:
         import torch
