@@ -282,14 +282,75 @@ def _run_pretrain(args) -> int:
     return 0
 
 
+# --- gradcheck ---------------------------------------------------------------------------------
+
+def _add_gradcheck(sub) -> None:
+    p = sub.add_parser("gradcheck", help="check every op's backward against central differences")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random float64 inputs")
+
+
+def _gradcheck_cases(rng):
+    """(name, f, inputs): each op on small random float64 inputs, away from its kinks."""
+    import numpy as np
+
+    from tinygpt import functional as F
+
+    def r(*shape):
+        return rng.standard_normal(shape)
+
+    targets = np.array([0, 3, -100, 2])
+    return [
+        ("add (broadcast)", F.add, [r(3, 4), r(4)]), ("sub", F.sub, [r(3, 4), r(3, 1)]),
+        ("mul", F.mul, [r(3, 4), r(4)]), ("div", F.div, [r(3, 4), 2 + r(4) ** 2]),
+        ("pow", lambda x: F.pow(x, 3), [r(3, 4)]), ("exp", F.exp, [r(3, 4)]),
+        ("log", F.log, [1 + r(3, 4) ** 2]), ("sqrt", F.sqrt, [1 + r(3, 4) ** 2]),
+        ("tanh", F.tanh, [r(3, 4)]), ("gelu", F.gelu, [r(3, 4)]),
+        ("relu", F.relu, [np.sign(r(3, 4)) * (0.1 + np.abs(r(3, 4)))]),
+        ("matmul", F.matmul, [r(2, 3, 4), r(4, 5)]), ("linear", F.linear, [r(2, 3, 4), r(4, 5), r(5)]),
+        ("sum", lambda x: F.sum(x, axis=1), [r(3, 4)]), ("mean", F.mean, [r(3, 4)]),
+        # distinct values one apart: max has a kink where two inputs tie
+        ("max", lambda x: F.max(x, axis=-1), [rng.permutation(12).reshape(3, 4) + 0.0]),
+        ("reshape", lambda x: F.reshape(x, (4, 3)), [r(3, 4)]),
+        ("permute", lambda x: F.permute(x, (2, 0, 1)), [r(2, 3, 4)]),
+        ("getitem", lambda x: x[np.array([0, 0, 2]), 1:], [r(3, 4)]),
+        ("concatenate", lambda a, b: F.concatenate([a, b], axis=0), [r(2, 4), r(3, 4)]),
+        ("stack", lambda a, b: F.stack([a, b], axis=1), [r(3, 4), r(3, 4)]),
+        ("softmax", F.softmax, [r(3, 5)]), ("log_softmax", F.log_softmax, [r(3, 5)]),
+        ("layer_norm", F.layer_norm, [r(3, 6), r(6), r(6)]),
+        ("embedding", lambda w: F.embedding(w, np.array([[1, 1, 4]])), [r(5, 3)]),
+        ("dropout", lambda x: F.dropout(x, 0.5, np.random.default_rng(1)), [r(3, 4)]),
+        ("where", lambda a, b: F.where(np.eye(3, 4, dtype=bool), a, b), [r(3, 4), r(4)]),
+        ("cross_entropy", lambda x: F.cross_entropy(x, targets), [r(4, 6)]),
+        ("causal_attention", F.causal_attention, [r(2, 5, 4), r(2, 5, 4), r(2, 5, 4)]),
+    ]
+
+
+def _run_gradcheck(args) -> int:
+    import numpy as np
+
+    from tinygpt.gradcheck import GradcheckError, gradcheck
+
+    cases, failures = _gradcheck_cases(np.random.default_rng(args.seed)), 0
+    for name, f, inputs in cases:
+        try:
+            gradcheck(f, *inputs)
+            print(f"ok    {name}")
+        except GradcheckError as e:
+            failures += 1
+            print(f"FAIL  {name}: {e}")
+    print(f"{len(cases) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
 # --- command table ------------------------------------------------------------------------------
 
 COMMANDS = {
     "bench": (_add_bench, _run_bench),
     "prepare": (_add_prepare, _run_prepare),
     "download": (_add_download, _run_download),
-    "generate": (_add_generate, _run_generate),
     "pretrain": (_add_pretrain, _run_pretrain),
+    "generate": (_add_generate, _run_generate),
+    "gradcheck": (_add_gradcheck, _run_gradcheck),
 }
 
 
