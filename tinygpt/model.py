@@ -89,10 +89,12 @@ class GPT(Module):
     With a `KVCache` (generation), only the last position's logits are computed: (B, 1, V).
     """
 
-    def __init__(self, config: GPTConfig, seed: int = 0):
+    def __init__(self, config: GPTConfig, seed: int = 0, init: bool = True):
+        """`seed` draws the initial weights and, later, dropout masks. `init=False` leaves the
+        weights uninitialised, for a caller that loads them straight away (load_gpt2)."""
         self.config = cfg = config
-        rng = np.random.default_rng(seed)
-        self.rng = rng                        # also drives dropout masks during training
+        self.rng = np.random.default_rng(seed)          # also drives dropout masks in training
+        rng = self.rng if init else None
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd, rng)
         self.wpe = Embedding(cfg.block_size, cfg.n_embd, rng, std=0.01)
         self.drop = Dropout(cfg.dropout, rng)
@@ -100,6 +102,9 @@ class GPT(Module):
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
         self.lm_head = None if cfg.tie_weights else Linear(cfg.n_embd, cfg.vocab_size, rng,
                                                            bias=False)
+        for module in self.modules():
+            if isinstance(module, Dropout):
+                module.rng = self.rng
 
     def head_weight(self) -> Tensor:
         """The (C, V) matrix that maps the final hidden state to logits."""

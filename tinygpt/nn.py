@@ -37,6 +37,14 @@ class Module:
                     if isinstance(item, Module):
                         yield f"{name}.{i}", item
 
+    def modules(self) -> Iterator[Module]:
+        """This module and every module inside it."""
+        stack = [self]
+        while stack:
+            module = stack.pop()
+            yield module
+            stack.extend(child for _, child in module.named_children())
+
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
         """Dotted names such as `h.3.attn.c_attn.weight`; a shared (tied) tensor appears once."""
         seen: set[int] = set()
@@ -61,11 +69,8 @@ class Module:
 
     def train(self, mode: bool = True) -> Module:
         """Dropout on (mode=True) or off, for this module and everything in it."""
-        stack = [self]
-        while stack:
-            module = stack.pop()
+        for module in self.modules():
             module.training = mode
-            stack.extend(child for _, child in module.named_children())
         return self
 
     def eval(self) -> Module:
@@ -92,14 +97,18 @@ class Module:
                 p.data = np.array(array, dtype=p.dtype, order="C")    # own, aligned copy
 
 
-def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> Tensor:
+def _normal(rng: np.random.Generator | None, shape: tuple[int, ...], std: float) -> Tensor:
+    """N(0, std^2) float32 weights; with rng=None uninitialised memory, for weights about to be
+    loaded from a file (drawing 124M normals only to overwrite them takes ~1.5 s)."""
+    if rng is None:
+        return Tensor(np.empty(shape, np.float32), requires_grad=True)
     return Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(std), requires_grad=True)
 
 
 class Linear(Module):
     """y = x @ weight + bias, weight stored (in_features, out_features) as in GPT-2's Conv1D."""
 
-    def __init__(self, in_features: int, out_features: int, rng: np.random.Generator,
+    def __init__(self, in_features: int, out_features: int, rng: np.random.Generator | None,
                  bias: bool = True, std: float = 0.02):
         self.weight = _normal(rng, (in_features, out_features), std)
         self.bias = Tensor(np.zeros(out_features, np.float32), requires_grad=True) if bias else None
@@ -111,7 +120,7 @@ class Linear(Module):
 class Embedding(Module):
     """Rows of a (num_embeddings, embedding_dim) table, looked up by integer ids."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, rng: np.random.Generator,
+    def __init__(self, num_embeddings: int, embedding_dim: int, rng: np.random.Generator | None,
                  std: float = 0.02):
         self.weight = _normal(rng, (num_embeddings, embedding_dim), std)
 

@@ -110,7 +110,7 @@ def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights
     directory = _find_checkpoint(path_or_name, dir, download)
     with open(directory / CONFIG_FILE, encoding="utf-8") as f:
         cfg = config_from_hf(json.load(f))
-    model = GPT(cfg)
+    model = GPT(cfg, init=False)                    # every weight is read from the file
     load_weights(model, directory / WEIGHTS_FILE)
     return model.eval()
 
