@@ -184,3 +184,9 @@ def test_generation_records_no_graph(model):
     logits, _ = next_token_logits(model, PROMPT, None)
     assert isinstance(logits, np.ndarray)
     model.eval()
+
+
+def test_stream_checks_arguments_when_called_not_when_iterated():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="temperature"):
+        stream(model, np.array([1, 2]), 3, temperature=-1.0)     # no next() needed

@@ -34,7 +34,10 @@ def is_grad_enabled() -> bool:
 
 
 def as_float_array(data: Any, name: str = "tensor") -> np.ndarray:
-    """float32 unless the input is already float64. Integer, bool or object arrays are an error."""
+    """float32 unless the input is already float64. Integer, bool or object arrays are an error;
+    Python numbers and lists of them are converted."""
+    if isinstance(data, Tensor):
+        data = data.data
     if isinstance(data, np.ndarray):
         if data.dtype == np.float32 or data.dtype == np.float64:
             return data
@@ -44,7 +47,8 @@ def as_float_array(data: Any, name: str = "tensor") -> np.ndarray:
                         f"shape {data.shape}; convert it first, e.g. .astype(np.float32)")
     arr = np.asarray(data)
     if arr.dtype.kind not in "fiub":
-        raise TypeError(f"{name}: cannot make a float tensor from dtype {arr.dtype}")
+        raise TypeError(f"{name}: cannot make a float tensor from dtype {arr.dtype} with shape "
+                        f"{arr.shape}")
     return arr.astype(np.float64 if arr.dtype == np.float64 and isinstance(data, np.generic)
                       else np.float32)
 

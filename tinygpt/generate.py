@@ -91,10 +91,16 @@ def stream(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: float 
 
     Stops after `max_new_tokens`, or once every row has produced `eos_id` (rows that finished
     early keep producing `eos_id`). `seed` makes sampling reproducible without touching global
-    random state.
+    random state. Arguments are checked here, before the first token is asked for.
     """
     seq = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p)
-    rng = np.random.default_rng(seed)
+    return _stream(model, seq, max_new_tokens, temperature, top_k, top_p, eos_id,
+                   np.random.default_rng(seed), use_cache)
+
+
+def _stream(model: GPT, seq: np.ndarray, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, eos_id: int | None,
+            rng: np.random.Generator, use_cache: bool) -> Iterator[np.ndarray]:
     was_training = model.training
     model.eval()
     cache = model.new_cache(seq.shape[0]) if use_cache else None

@@ -77,6 +77,8 @@ class Module:
         return self.train(False)
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameter arrays by name. NOTE: the live arrays, not copies: the optimizer updates
+        them in place, so keep a snapshot with `{k: v.copy() for k, v in ...items()}`."""
         return {name: p.data for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict[str, np.ndarray], strict: bool = True) -> None:
