@@ -295,3 +295,22 @@ def test_intermediate_tensors_are_freed_after_backward():
     z.backward()
     gc.collect()
     assert ref() is None, "an interior activation survived backward"
+
+
+def test_leaf_gradients_never_share_memory():
+    # add hands one array to both inputs, reshape a view, sum a read-only broadcast: every leaf
+    # must still get an array of its own that it may modify in place
+    a, b = Tensor(np.ones((2, 3)), requires_grad=True), Tensor(np.ones((2, 3)), requires_grad=True)
+    c = Tensor(np.ones(6), requires_grad=True)
+    seed = np.full((2, 3), 2.0, np.float32)
+    (a + b + c.reshape((2, 3))).backward(seed)
+    grads = [a.grad, b.grad, c.grad]
+    assert all(g.flags.writeable and g.flags.owndata for g in grads)
+    assert not any(np.shares_memory(x, y) for i, x in enumerate(grads) for y in grads[i + 1:])
+    assert not any(np.shares_memory(g, seed) for g in grads)
+    a.grad *= 0                                   # in place: the others are unchanged
+    np.testing.assert_array_equal(b.grad, seed)
+    np.testing.assert_array_equal(c.grad, seed.ravel())
+    s = Tensor(np.ones((2, 2)), requires_grad=True)
+    s.sum().backward()
+    assert s.grad.flags.writeable

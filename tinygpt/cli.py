@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
@@ -365,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][1](args) or 0
+        # overflow in a diverging run is reported by the trainer as one line; NumPy's own
+        # RuntimeWarnings would only print source lines above it
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return COMMANDS[args.command][1](args) or 0
     except KeyboardInterrupt:
         print("tinygpt: interrupted", file=sys.stderr)
         return 130
