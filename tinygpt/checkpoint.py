@@ -17,13 +17,12 @@ array, so a truncated or corrupted checkpoint is an error that names the file, n
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from tinygpt.fileio import write_json_atomic
 from tinygpt.safetensors import load_safetensors, save_safetensors
 
 FORMAT = "tinygpt-checkpoint-1"
@@ -32,21 +31,6 @@ RECORD = "checkpoint.json"
 
 def _crc(arr: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write `obj` as JSON to a temp file next to `path`, fsync, rename over `path`."""
-    raw = json.dumps(obj, indent=1).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(out_dir: Path | str, arrays: dict[str, np.ndarray], record: dict) -> Path:

@@ -14,7 +14,6 @@ Randomness always comes from an explicit seed or np.random.Generator.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tinygpt.fileio import atomic_write, write_json_atomic
 from tinygpt.tokenizer import CharTokenizer, get_tokenizer
 
 TOKEN_DTYPE = np.uint16   # on disk: GPT-2's 50,257 ids fit in 16 bits, half the size of int32
@@ -199,16 +199,6 @@ def create_dataloader(text: str, tokenizer: TokenizerLike | str = "gpt2", batch_
 
 # --- corpora larger than memory: prepare once, then sample windows from disk --------------------
 
-def _write_atomic(path: Path, write) -> None:
-    """Call write(file) on a temporary file, then rename it over `path` (no half-written files)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def _resolve_tokenizer(tokenizer: TokenizerLike | str, path: Path,
                        chunk_bytes: int) -> TokenizerLike:
@@ -259,8 +249,9 @@ def prepare(input_path: Path | str, out_dir: Path | str, tokenizer: TokenizerLik
             raise ValueError(f"{input_path}: the file is empty")
         ids = np.memmap(all_path, dtype=TOKEN_DTYPE, mode="r")
         train, val = train_val_split(ids, val_fraction)
-        _write_atomic(out_dir / "train.bin", lambda f: _copy_tokens(train, f))
-        _write_atomic(out_dir / "val.bin", lambda f: _copy_tokens(val, f))
+        for name, part in (("train.bin", train), ("val.bin", val)):
+            with atomic_write(out_dir / name) as f:
+                _copy_tokens(part, f)
         n_train, n_val = len(train), len(val)
         del ids, train, val  # close the memmap before deleting its file
     finally:
@@ -271,8 +262,7 @@ def prepare(input_path: Path | str, out_dir: Path | str, tokenizer: TokenizerLik
             "eot_id": getattr(tok, "eot_id", None), "source": input_path.name}
     if isinstance(tok, CharTokenizer):
         meta["chars"] = tok.chars  # without them the ids could not be decoded
-    _write_atomic(out_dir / "meta.json",
-                  lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
+    write_json_atomic(out_dir / "meta.json", meta)
     return meta
 
 

@@ -626,7 +626,7 @@ class CausalAttention(Function):
                 or q.shape[-2] > k.shape[-2]:
             raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape} must be "
                              "(..., Tq, HS), (..., Tk, HS), (..., Tk, HS) with Tq <= Tk")
-        lead, (Tq, HS), Tk = q.shape[:-2], q.shape[-2:], k.shape[-2]
+        lead, (Tq, HS) = q.shape[:-2], q.shape[-2:]
         q3, k3, v3 = (np.ascontiguousarray(a).reshape(-1, a.shape[-2], HS) for a in (q, k, v))
         scale = 1.0 / math.sqrt(HS)
         y, p = kernels.attention_forward(q3, k3, v3, scale)

@@ -29,11 +29,12 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tinygpt.fileio import atomic_write
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit; GPT-2 XL's header is ~25 kB
 
@@ -259,20 +260,11 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike,
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)                   # pad so the data section starts 8-aligned
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in order:
-                f.write(arrays[name].reshape(-1).view(np.uint8))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            f.write(arrays[name].reshape(-1).view(np.uint8))
 
 
 def _prepare(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None,
@@ -292,17 +284,3 @@ def _prepare(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None,
         # astype, not ascontiguousarray: the latter turns 0-d arrays into shape (1,)
         out[name] = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)
     return out
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); skipped where a directory cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

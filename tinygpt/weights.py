@@ -27,13 +27,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from tinygpt.download import GPT2_NAMES, find_hf_snapshot, resolve_gpt2
+from tinygpt.fileio import write_json_atomic
 from tinygpt.model import GPT, GPTConfig
 from tinygpt.safetensors import Header, load_safetensors, read_header, save_safetensors
 
@@ -239,21 +239,5 @@ def save_pretrained(model: GPT, dir: str | os.PathLike) -> Path:
         tensors.setdefault(f"h.{i}.attn.c_attn.bias", np.zeros(3 * cfg.n_embd, np.float32))
     # transformers refuses safetensors files whose metadata lacks a known "format"
     save_safetensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    _write_json_atomic(directory / CONFIG_FILE, config_to_hf(cfg))
+    write_json_atomic(directory / CONFIG_FILE, config_to_hf(cfg), indent=2, sort_keys=True)
     return directory
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)                           # mkstemp makes it owner-only (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
