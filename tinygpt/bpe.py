@@ -33,6 +33,8 @@ from pathlib import Path
 
 import regex
 
+from tinygpt.fileio import write_json_atomic
+
 # GPT-2's pre-tokeniser, as tiktoken writes it. GPT-2's encoder.py has
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 # which splits text the same way; the possessive `++` and `\s++$` stop long whitespace runs
@@ -266,7 +268,7 @@ class BPETokenizer:
         state = {"format": "tinygpt-bpe", "version": 1, "pattern": self.pattern,
                  "tokens": [self.vocab[i].hex() for i in range(len(self.vocab))],
                  "special_tokens": self.special_tokens}
-        Path(path).write_text(json.dumps(state, indent=0), encoding="utf-8")
+        write_json_atomic(path, state, indent=0)
 
     @classmethod
     def load(cls, path: Path | str) -> BPETokenizer:

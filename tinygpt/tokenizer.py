@@ -21,6 +21,7 @@ import tiktoken
 
 from tinygpt.bpe import (EOT, GPT2_FILES_SHA256, GPT2_PATTERN, bundled_gpt2_paths, read_checked,
                          read_gpt2_ranks)
+from tinygpt.fileio import write_json_atomic
 
 EOT_ID = 50256       # GPT-2's <|endoftext|>, the id after the 50,256 ordinary tokens
 GPT2_VOCAB_SIZE = 50257
@@ -117,7 +118,7 @@ class CharTokenizer:
 
     def save(self, path: Path | str) -> None:
         """Write the vocabulary as JSON: {"type": "char", "chars": [...]}."""
-        Path(path).write_text(json.dumps({"type": "char", "chars": self.chars}), encoding="utf-8")
+        write_json_atomic(path, {"type": "char", "chars": self.chars})
 
     @classmethod
     def load(cls, path: Path | str) -> CharTokenizer:
