@@ -477,6 +477,7 @@ def attention_forward_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: 
     """
     N, Tq, HS = q.shape
     Tk = k.shape[1]
+    scale = q.dtype.type(scale)       # a Python float would turn the float32 loops into float64
     y = np.zeros_like(q)
     p = np.zeros((N, Tq, Tk), q.dtype)                      # masked entries stay exactly 0
     for n in prange(N):
@@ -518,6 +519,7 @@ def attention_backward_numba(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np
     """
     N, Tq, HS = q.shape
     Tk = k.shape[1]
+    scale = q.dtype.type(scale)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     for n in prange(N):
         vT = v[n].T.copy()                                  # (HS, Tk), as kT in the forward
