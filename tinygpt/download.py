@@ -66,12 +66,18 @@ def download_gpt2(name: str, dir: str | os.PathLike = "weights", *, base_url: st
     """
     _check_name(name)
     dest = Path(dir) / name
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
-    for file in GPT2_FILES:
-        url = f"{base_url.rstrip('/')}/{HF_ORG}/{name}/resolve/main/{file}"
-        sha256, size = KNOWN_FILES.get((name, file), (None, None))
-        download_file(url, dest / file, sha256=sha256, size=size, progress=progress,
-                      timeout=timeout, retries=retries)
+    try:
+        for file in GPT2_FILES:
+            url = f"{base_url.rstrip('/')}/{HF_ORG}/{name}/resolve/main/{file}"
+            sha256, size = KNOWN_FILES.get((name, file), (None, None))
+            download_file(url, dest / file, sha256=sha256, size=size, progress=progress,
+                          timeout=timeout, retries=retries)
+    except BaseException:
+        if created and not any(dest.iterdir()):     # nothing to resume: leave no empty folder
+            dest.rmdir()
+        raise
     return dest
 
 
