@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygpt import GPT, GPTConfig, no_grad
+from tinygpt import GPT, GPTConfig
 from tinygpt.data import DataLoader, GPTDataset, read_text, train_val_split
 from tinygpt.generate import generate
 from tinygpt.optim import AdamW, global_grad_norm
 from tinygpt.tokenizer import CharTokenizer
+from tinygpt.train import estimate_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -56,12 +57,7 @@ def forever(loader: DataLoader):
 
 def mean_loss(model: GPT, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean cross-entropy over fixed batches, dropout off, no graph."""
-    was_training = model.training
-    model.eval()
-    with no_grad():
-        loss = float(np.mean([model(x, y)[1].item() for x, y in batches]))
-    model.train(was_training)
-    return loss
+    return estimate_loss(model, batches, len(batches))
 
 
 def main(argv: list[str] | None = None) -> int:
