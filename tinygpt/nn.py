@@ -84,10 +84,8 @@ class Module:
     def load_state_dict(self, state: dict[str, np.ndarray], strict: bool = True) -> None:
         """Copy arrays into the parameters by name; one error lists everything that does not fit."""
         params = dict(self.named_parameters())
-        missing = [f"{n} {p.shape}" for n, p in params.items() if n not in state]
-        unexpected = [f"{n} {np.shape(a)}" for n, a in state.items() if n not in params]
-        misshaped = [f"{n}: expected {params[n].shape}, got {np.shape(a)}"
-                     for n, a in state.items() if n in params and np.shape(a) != params[n].shape]
+        missing, unexpected, misshaped = shape_mismatches(
+            {n: p.shape for n, p in params.items()}, {n: np.shape(a) for n, a in state.items()})
         problems = [f"{label} [{', '.join(items)}]" for label, items in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
                     if items and (strict or label == "wrong shape")]
@@ -97,6 +95,16 @@ class Module:
             if name in params:
                 p = params[name]
                 p.data = np.array(array, dtype=p.dtype, order="C")    # own, aligned copy
+
+
+def shape_mismatches(expected: dict[str, tuple], given: dict[str, tuple]
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """Names (with shapes) missing from `given`, unexpected in it, and of the wrong shape."""
+    missing = [f"{n} {tuple(s)}" for n, s in expected.items() if n not in given]
+    unexpected = [f"{n} {tuple(s)}" for n, s in given.items() if n not in expected]
+    misshaped = [f"{n}: expected {tuple(expected[n])}, got {tuple(s)}"
+                 for n, s in given.items() if n in expected and tuple(s) != tuple(expected[n])]
+    return missing, unexpected, misshaped
 
 
 def _normal(rng: np.random.Generator | None, shape: tuple[int, ...], std: float) -> Tensor:

@@ -35,6 +35,7 @@ import numpy as np
 from tinygpt.download import GPT2_NAMES, find_hf_snapshot, resolve_gpt2
 from tinygpt.fileio import write_json_atomic
 from tinygpt.model import GPT, GPTConfig
+from tinygpt.nn import shape_mismatches
 from tinygpt.safetensors import Header, load_safetensors, read_header, save_safetensors
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -170,10 +171,8 @@ def _is_mask(name: str) -> bool:
 def _check_names(path: Path, params: dict, shapes: dict, model: GPT,
                  head_shape: tuple | None) -> None:
     """Raise one ValueError listing every missing, unexpected or mis-shaped tensor."""
-    missing = [f"{n} {tuple(p.shape)}" for n, p in params.items() if n not in shapes]
-    unexpected = [f"{n} {shape}" for n, shape in shapes.items() if n not in params]
-    misshaped = [f"{n}: expected {tuple(p.shape)}, got {shapes[n]}"
-                 for n, p in params.items() if n in shapes and shapes[n] != tuple(p.shape)]
+    missing, unexpected, misshaped = shape_mismatches({n: p.shape for n, p in params.items()},
+                                                      shapes)
     V, C = model.config.vocab_size, model.config.n_embd
     if head_shape is None and model.lm_head is not None:
         missing.append(f"lm_head.weight {(V, C)} (config.json has tie_word_embeddings false)")
@@ -214,7 +213,9 @@ def _check_tied_head(f: BinaryIO, path: Path, header: Header, name: str, wte: np
             rows = np.empty((min(ROWS_PER_READ, V - start), C), np.float32)
             f.seek(header.data_start + info.begin + start * C * rows.itemsize)
             f.readinto(rows.reshape(-1).view(np.uint8))
-            same = same and np.array_equal(rows, wte[start:start + len(rows)])
+            if not np.array_equal(rows, wte[start:start + len(rows)]):
+                same = False                          # no need to read the rest
+                break
     if not same:
         raise ValueError(f"{path}: lm_head.weight differs from wte.weight, but config.json ties "
                          "them (tie_word_embeddings true or absent)")
