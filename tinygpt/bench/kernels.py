@@ -150,6 +150,7 @@ def _torch_block(block, x: np.ndarray, dy: np.ndarray, n_head: int) -> Callable 
         import torch
     except ImportError:
         return None
+    from tinygpt.autograd import Tensor
     torch.set_num_threads(2)
     F = torch.nn.functional
 
@@ -174,7 +175,7 @@ def _torch_block(block, x: np.ndarray, dy: np.ndarray, n_head: int) -> Callable 
         return y + F.linear(h, *lin["mlp_proj"])
 
     with torch.no_grad():                       # sanity: both compute the same block
-        ours = block(__import__("tinygpt").Tensor(x)).data
+        ours = block(Tensor(x)).data
         gap = float(np.abs(forward().numpy() - ours).max())
     if gap > 1e-3:
         print(f" [warning: PyTorch block differs by {gap:.2e}]", end="")
