@@ -162,6 +162,25 @@ def test_attention_twins(dtype, N, Tq, extra, HS, seed):
                   kernels.attention_backward_ref(dy, q, k, v, p, scale), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(N=st.sampled_from([1, 7, 1 << 16]), seed=seeds, grad_scale=st.sampled_from([1.0, 0.3]),
+       decay=st.sampled_from([1.0, 0.999]))
+@example(N=1, seed=0, grad_scale=1.0, decay=1.0)
+def test_adamw_update_twins(dtype, N, seed, grad_scale, decay):
+    # 1 << 16 elements take the parallel compile, the others the serial one
+    rng = np.random.default_rng(seed)
+    p, g, m = (rng.standard_normal(N).astype(dtype) for _ in range(3))
+    v = rng.random(N).astype(dtype)
+    args = (grad_scale, 0.9, 0.95, 1e-8, 4e-4 / (1 - 0.9 ** 3), 1 / np.sqrt(1 - 0.95 ** 3), decay)
+    ref = [a.copy() for a in (p, g, m, v)]
+    kernels.adamw_update_ref(*ref, *args)
+    fast = [a.copy() for a in (p, g, m, v)]
+    kernels.adamw_update_numba(*fast, *args)
+    np.testing.assert_array_equal(fast[1], g)                  # the gradient is only read
+    _assert_twins(tuple(fast), tuple(ref), dtype)
+    assert not np.array_equal(fast[0], p)                      # and the parameters did move
+
+
 # --- each backward twin vs central differences of its forward (float64) -------------------------
 
 @given(R=st.integers(1, 3), N=st.integers(1, 5), seed=seeds)

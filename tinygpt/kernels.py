@@ -1,12 +1,13 @@
 """Hot loops of tinygpt: each kernel as a NumPy reference twin `X_ref` and a fast `X_numba`.
 
 This module owns the fused, performance-critical pieces of math (softmax, LayerNorm, tanh-GELU,
-cross-entropy from logits, causal attention), each on plain contiguous arrays. It knows nothing
+cross-entropy from logits, causal attention, the AdamW update), each on plain contiguous arrays. It knows nothing
 about `Tensor` or autograd: `ops.py` reshapes its inputs and calls the public names below.
 
 Every public name `X` is bound at import to `X_numba`, or to `X_ref` when the environment has
 `TINYGPT_NUMBA=0` (debugging, or no numba). Kernels return new arrays, keep the input dtype
-(float32 for training, float64 for gradient checks) and never write into their inputs.
+(float32 for training, float64 for gradient checks) and never write into their inputs, except
+`adamw_update`, whose whole point is to update the parameters and moments in place.
 
 Benchmark: `python -m tinygpt.bench kernels`.   Tests: `pytest tests/test_kernels.py`.
 """
@@ -163,6 +164,22 @@ def attention_backward_ref(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.n
     ds = ds.reshape(p.shape)
     ds *= scale
     return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+
+
+def adamw_update_ref(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,
+                     grad_scale: float, b1: float, b2: float, eps: float, step_size: float,
+                     inv_sqrt_bc2: float, decay: float) -> None:
+    """One AdamW step in place (math in optim.py); p, g, m, v: 1-D, same length and dtype.
+
+    g is read, never written; Python float scalars keep float32 arrays float32 (NumPy 2).
+    """
+    g = g * grad_scale
+    m *= b1
+    m += (1.0 - b1) * g                            # m = b1 m + (1 - b1) g
+    v *= b2
+    v += (1.0 - b2) * (g * g)                      # v = b2 v + (1 - b2) g^2
+    p *= decay                                     # decoupled: p *= 1 - lr * wd
+    p -= step_size * m / (np.sqrt(v) * inv_sqrt_bc2 + eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +561,27 @@ def attention_backward_numba(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np
     return dq, dk, dv
 
 
+# AdamW: one fused pass. NumPy's ufuncs would stream p, g, m and v through memory ~8 times; this
+# reads and writes each element once, on both cores.
+
+@_jit
+def adamw_update_numba(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,
+                       grad_scale: float, b1: float, b2: float, eps: float, step_size: float,
+                       inv_sqrt_bc2: float, decay: float) -> None:
+    """adamw_update_ref in one loop.   p, g, m, v: (N,), updated in place (g is only read)."""
+    f = p.dtype.type                  # Python floats would turn the float32 loop into float64
+    grad_scale, b1, b2, eps = f(grad_scale), f(b1), f(b2), f(eps)
+    step_size, inv_sqrt_bc2, decay = f(step_size), f(inv_sqrt_bc2), f(decay)
+    one = f(1.0)
+    for i in prange(p.shape[0]):
+        gi = g[i] * grad_scale
+        mi = b1 * m[i] + (one - b1) * gi
+        vi = b2 * v[i] + (one - b2) * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step_size * mi / (np.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public names: the numba kernels unless TINYGPT_NUMBA=0.
 # ---------------------------------------------------------------------------------------------
@@ -559,3 +597,4 @@ cross_entropy_forward = _pick(cross_entropy_forward_numba, cross_entropy_forward
 cross_entropy_backward = _pick(cross_entropy_backward_numba, cross_entropy_backward_ref)
 attention_forward = _pick(attention_forward_numba, attention_forward_ref)
 attention_backward = _pick(attention_backward_numba, attention_backward_ref)
+adamw_update = _pick(adamw_update_numba, adamw_update_ref)

@@ -13,9 +13,9 @@ AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", algorithm 2
 Weight decay goes only to matrices (ndim >= 2): biases and LayerNorm weights are 1-D and never
 decay (GPT-2, nanoGPT); the embeddings `wte`, `wpe` decay only with `decay_embeddings=True`.
 
-Memory and speed: the moments are float32 arrays allocated once, next to the parameters, and every
-update is a NumPy ufunc with `out=` (no temporaries, no float64). The update walks each parameter in
-blocks of `BLOCK` elements so the ~8 passes over (p, g, m, v) hit the CPU cache instead of RAM.
+Memory and speed: the moments are float32 arrays allocated once, next to the parameters, and the
+update is one fused, in-place pass over (p, g, m, v) per parameter (`kernels.adamw_update`, numba,
+both cores): it reads and writes each element once, where NumPy ufuncs would make ~8 passes.
 `step(grad_scale=...)` multiplies the gradient on the fly: gradient clipping and the 1/n of
 gradient accumulation cost no extra pass over the gradients.
 
@@ -28,9 +28,9 @@ from typing import Iterable
 
 import numpy as np
 
+from tinygpt import kernels
 from tinygpt.autograd import Tensor
 
-BLOCK = 1 << 15       # 32K floats = 128 kB per array: p, g, m, v and a scratch stay in L2 cache
 EMBEDDING_NAMES = ("wte.weight", "wpe.weight")   # GPT-2's token and position tables
 
 
@@ -173,9 +173,6 @@ class AdamW(Optimizer):
         self.eps = float(eps)
         self.m = [np.zeros_like(p.data) for _, p in self.named]       # same dtype as p: float32
         self.v = [np.zeros_like(p.data) for _, p in self.named]
-        dtypes = {p.dtype for _, p in self.named}
-        self._scratch = {dt: np.empty(min(BLOCK, max(p.size for _, p in self.named)), dt)
-                         for dt in dtypes}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         out = {f"m.{n}": m for (n, _), m in zip(self.named, self.m)}
@@ -192,38 +189,9 @@ class AdamW(Optimizer):
             if p.grad is None:
                 continue
             decay = 1.0 - self.lr * self.weight_decay if self.decay[i] else 1.0
-            flat = [a.reshape(-1) for a in (p.data, p.grad, self.m[i], self.v[i])]
-            tmp = self._scratch[p.dtype]
-            for lo in range(0, p.size, BLOCK):
-                hi = min(lo + BLOCK, p.size)
-                _adamw_block(*(a[lo:hi] for a in flat), tmp[:hi - lo], float(grad_scale), b1, b2,
-                             self.eps, step_size, inv_sqrt_bc2, decay)
+            p_, g, m, v = (a.reshape(-1) for a in (p.data, p.grad, self.m[i], self.v[i]))
+            kernels.adamw_update(p_, g, m, v, float(grad_scale), b1, b2, self.eps, step_size,
+                                 inv_sqrt_bc2, decay)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "betas": [self.beta1, self.beta2], "eps": self.eps}
-
-
-def _adamw_block(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, tmp: np.ndarray,
-                 grad_scale: float, b1: float, b2: float, eps: float, step_size: float,
-                 inv_sqrt_bc2: float, decay: float) -> None:
-    """The AdamW update on one block, in place; all arrays 1-D of the same length and dtype.
-
-    Python floats keep float32 arrays float32 (NumPy 2's weak scalars); np.float64 ones would not.
-    """
-    if grad_scale != 1.0:
-        np.multiply(g, grad_scale, out=g)
-    np.multiply(m, b1, out=m)                      # m = b1 m + (1 - b1) g
-    np.multiply(g, 1.0 - b1, out=tmp)
-    np.add(m, tmp, out=m)
-    np.multiply(v, b2, out=v)                      # v = b2 v + (1 - b2) g^2
-    np.multiply(g, g, out=tmp)
-    np.multiply(tmp, 1.0 - b2, out=tmp)
-    np.add(v, tmp, out=v)
-    if decay != 1.0:
-        np.multiply(p, decay, out=p)               # decoupled: p *= 1 - lr * wd
-    np.sqrt(v, out=tmp)                            # denominator sqrt(v_hat) + eps
-    np.multiply(tmp, inv_sqrt_bc2, out=tmp)
-    np.add(tmp, eps, out=tmp)
-    np.divide(m, tmp, out=tmp)
-    np.multiply(tmp, step_size, out=tmp)
-    np.subtract(p, tmp, out=p)
