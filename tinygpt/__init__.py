@@ -4,7 +4,11 @@ The public API, bottom layer first (README "Reading order"): the autograd engine
 `no_grad`), the ops (`tinygpt.functional`), `gradcheck`, the model (`GPTConfig`, `GPT`),
 tokenizers and data, generation, training, and GPT-2 weights.
 """
-from tinygpt import functional
+from tinygpt import runtime
+
+runtime.set_blas_spin()     # before NumPy loads OpenBLAS: see runtime.py
+
+from tinygpt import functional  # noqa: E402
 from tinygpt.autograd import Tensor, no_grad
 from tinygpt.data import DataLoader, GPTDataset, MemmapDataset, create_dataloader, prepare
 from tinygpt.generate import generate, stream

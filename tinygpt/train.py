@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from tinygpt import runtime
 from tinygpt.autograd import Tensor, no_grad
 from tinygpt.checkpoint import load_checkpoint, read_record, save_checkpoint
 from tinygpt.optim import SGD, AdamW, global_grad_norm, lr_at
@@ -203,6 +204,7 @@ def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
         extra: JSON-ready values stored in checkpoints (the CLI keeps its data path there).
     Raises TrainingDiverged on a NaN/inf loss or gradient, before that step's update.
     """
+    runtime.keep_freed_memory()          # reuse activation memory between steps: see runtime.py
     out = _prepare_out_dir(cfg.out_dir, resume)
     optimizer = make_optimizer(model, cfg)
     max_steps = _total_steps(train_data, cfg)

@@ -62,9 +62,10 @@ def _batch(vocab: int, B: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_tinygpt(preset: str, B: int, steps: int) -> dict:
-    from tinygpt import GPT, GPTConfig
+    from tinygpt import GPT, GPTConfig, runtime
     from tinygpt.optim import global_grad_norm
     from tinygpt.train import TrainConfig, default_loss, make_optimizer
+    runtime.keep_freed_memory()                  # as train() does
     cfg = GPTConfig.preset(preset, block_size=T, dropout=0.0)
     model = GPT(cfg, seed=0)
     opt = make_optimizer(model, TrainConfig(context_length=T, batch_size=B))
