@@ -131,8 +131,20 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     arrays, record = load_checkpoint(tmp_path)
     assert record["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint.json", "ckpt-0000002.safetensors", "log.csv"]     # no temp files left
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != "loss.png")  # matplotlib's
+    assert names == ["checkpoint.json", "ckpt-0000002.safetensors", "log.csv"]  # no temp files
+
+
+def test_log_csv_and_loss_png_hold_every_evaluation(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = train(GPT(MODEL), *_loaders(), _cfg(max_steps=4, out_dir=str(tmp_path)),
+                   progress=False)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(result.evals) == 1 + 3               # header; steps 0, 2, 4
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [e["step"] for e in result.evals]
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000   # a drawn figure
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -224,7 +236,16 @@ def test_cli_unwritable_output_dir(tiny_run, tmp_path, capsys):
 def test_cli_disk_full(tiny_run, tmp_path, capsys, monkeypatch):
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(tinygpt.safetensors.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)          # every durable write fails
+    err = _cli_error(tiny_run[2] + ["--out", str(tmp_path / "run")], capsys)
+    # the step-0 evaluation's log is the first file written
+    assert "No space left on device" in err and "training log in" in err and "run" in err
+
+
+def test_cli_disk_full_at_the_first_checkpoint(tiny_run, tmp_path, capsys, monkeypatch):
+    def no_space(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(tinygpt.checkpoint, "save_safetensors", no_space)
     err = _cli_error(tiny_run[2] + ["--out", str(tmp_path / "run")], capsys)
     assert "No space left on device" in err and "no earlier checkpoint" in err
 

@@ -35,6 +35,7 @@ import numpy as np
 from tinygpt import runtime
 from tinygpt.autograd import Tensor, no_grad
 from tinygpt.checkpoint import load_checkpoint, read_record, save_checkpoint
+from tinygpt.fileio import atomic_write
 from tinygpt.optim import SGD, AdamW, global_grad_norm, lr_at
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -401,10 +402,12 @@ def write_log(evals: list[dict], out: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: row[k] for k in LOG_COLUMNS} for row in evals)
-    tmp = out / ".log.csv.tmp"
-    tmp.write_text(buf.getvalue())
-    tmp.replace(out / "log.csv")
-    plot_losses(evals, out / "loss.png")
+    try:
+        with atomic_write(out / "log.csv", "w") as f:
+            f.write(buf.getvalue())
+        plot_losses(evals, out / "loss.png")
+    except OSError as e:                        # e.g. a full disk: say which file, keep the errno
+        raise OSError(e.errno, f"cannot write the training log in {out}: {e.strerror}") from e
 
 
 def plot_losses(evals: list[dict], path: Path) -> bool:
@@ -427,8 +430,11 @@ def plot_losses(evals: list[dict], path: Path) -> bool:
     top.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals], alpha=0)
     top.set_xlabel("tokens seen")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 
