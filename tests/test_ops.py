@@ -209,6 +209,45 @@ def test_causal_attention_grad_and_mask(data):
                                rtol=1e-10, atol=1e-12)
 
 
+@given(st.data())
+def test_multihead_attention_grad_and_equals_split_attend_merge(data):
+    B, T = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5))
+    NH, HS = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    qkv = data.draw(arrays((B, T, 3 * NH * HS)))
+    gradcheck(lambda t: F.multihead_attention(t, NH), qkv)
+    # the same thing from the unfused ops, forward and backward
+    g = np.random.default_rng(0).standard_normal((B, T, NH * HS))
+    fused, unfused = Tensor(qkv, requires_grad=True), Tensor(qkv, requires_grad=True)
+    y = F.multihead_attention(fused, NH)
+    heads = F.permute(F.reshape(unfused, (B, T, 3, NH, HS)), (2, 0, 3, 1, 4))
+    ref = F.reshape(F.permute(F.causal_attention(heads[0], heads[1], heads[2]), (0, 2, 1, 3)),
+                    (B, T, NH * HS))
+    np.testing.assert_allclose(y.data, ref.data, rtol=1e-12, atol=1e-14)
+    y.backward(g)
+    ref.backward(g)
+    np.testing.assert_allclose(fused.grad, unfused.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_multihead_attention_with_a_cache_attends_over_it_and_refuses_backward():
+    from tinygpt.nn import KVCache
+    rng = np.random.default_rng(0)
+    B, NH, HS, T = 1, 2, 4, 5
+    qkv = rng.standard_normal((B, T, 3 * NH * HS))
+    whole = F.multihead_attention(Tensor(qkv), NH).data
+    cache = KVCache(n_layer=1, batch=B, n_head=NH, block_size=8, head_size=HS, dtype=np.float64)
+    first = F.multihead_attention(Tensor(qkv[:, :3]), NH, cache).data
+    cache.length = 3
+    last = F.multihead_attention(Tensor(qkv[:, 3:], requires_grad=True), NH, cache)
+    np.testing.assert_allclose(np.concatenate([first, last.data], axis=1), whole, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="KV-cached attention"):
+        last.sum().backward()
+
+
+def test_multihead_attention_rejects_a_width_that_is_not_three_heads():
+    with pytest.raises(ValueError, match=r"qkv \(1, 2, 10\) is not 3 x 2 heads"):
+        F.multihead_attention(Tensor(np.zeros((1, 2, 10))), 2)
+
+
 # --- properties beyond gradients ----------------------------------------------------------------------
 
 OPS_1 = [F.neg, F.exp, F.tanh, F.gelu, F.relu, F.softmax, F.log_softmax, lambda t: t.sum(0),
@@ -235,6 +274,7 @@ def test_fused_ops_keep_dtype(dtype):
     assert F.linear(x, Tensor(np.ones((4, 5), dtype))).dtype == dtype
     assert F.cross_entropy(x, np.zeros((2, 3), np.int64)).dtype == dtype
     assert F.causal_attention(x, x, x).dtype == dtype
+    assert F.multihead_attention(F.concatenate([x, x, x], axis=-1), 2).dtype == dtype
 
 
 def test_shape_mismatch_errors_name_both_shapes():

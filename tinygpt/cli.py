@@ -324,6 +324,7 @@ def _gradcheck_cases(rng):
         ("where", lambda a, b: F.where(np.eye(3, 4, dtype=bool), a, b), [r(3, 4), r(4)]),
         ("cross_entropy", lambda x: F.cross_entropy(x, targets), [r(4, 6)]),
         ("causal_attention", F.causal_attention, [r(2, 5, 4), r(2, 5, 4), r(2, 5, 4)]),
+        ("multihead_attention", lambda qkv: F.multihead_attention(qkv, 2), [r(2, 5, 12)]),
     ]
 
 

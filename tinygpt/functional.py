@@ -5,11 +5,12 @@
 """
 from tinygpt.ops import (add, causal_attention, concatenate, cross_entropy, div, dropout,
                          embedding, exp, gelu, getitem, layer_norm, linear, log, log_softmax,
-                         masked_fill, matmul, max, mean, mul, neg, permute, pow, relu, reshape,
-                         softmax, split, sqrt, stack, sub, sum, swapaxes, tanh, transpose, where)
+                         masked_fill, matmul, max, mean, mul, multihead_attention, neg, permute,
+                         pow, relu, reshape, softmax, split, sqrt, stack, sub, sum, swapaxes, tanh,
+                         transpose, where)
 
 __all__ = ["add", "causal_attention", "concatenate", "cross_entropy", "div", "dropout",
            "embedding", "exp", "gelu", "getitem", "layer_norm", "linear", "log", "log_softmax",
-           "masked_fill", "matmul", "max", "mean", "mul", "neg", "permute", "pow", "relu",
-           "reshape", "softmax", "split", "sqrt", "stack", "sub", "sum", "swapaxes", "tanh",
-           "transpose", "where"]
+           "masked_fill", "matmul", "max", "mean", "mul", "multihead_attention", "neg", "permute",
+           "pow", "relu", "reshape", "softmax", "split", "sqrt", "stack", "sub", "sum", "swapaxes",
+           "tanh", "transpose", "where"]

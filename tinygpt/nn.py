@@ -209,14 +209,7 @@ class CausalSelfAttention(Module):
         self.resid_dropout = Dropout(dropout, rng)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        B, T, C = x.shape
-        NH, HS = self.n_head, C // self.n_head
-        qkv = ops.reshape(self.c_attn(x), (B, T, 3, NH, HS))
-        qkv = ops.permute(qkv, (2, 0, 3, 1, 4))                          # (3, B, NH, T, HS)
-        q, k, v = qkv[0], qkv[1], qkv[2]                                 # 3 x (B, NH, T, HS)
-        if cache is not None:                                            # inference only
-            k_all, v_all = cache.append(layer, k.data, v.data)
-            k, v = Tensor(k_all), Tensor(v_all)                          # (B, NH, Tk, HS)
-        y = ops.causal_attention(q, k, v)                                # (B, NH, T, HS)
-        y = ops.reshape(ops.permute(y, (0, 2, 1, 3)), (B, T, C))         # merge heads
+        qkv = self.c_attn(x)                                             # (B, T, 3C)
+        # per head h: q, k, v = its HS columns of each third; y_h = softmax(q k^T / sqrt(HS)) v
+        y = ops.multihead_attention(qkv, self.n_head, cache, layer)     # (B, T, C), heads merged
         return self.resid_dropout(self.c_proj(y))

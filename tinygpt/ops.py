@@ -643,6 +643,53 @@ class CausalAttention(Function):
         return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(k_shape)
 
 
+class MultiHeadAttention(Function):
+    """Causal multi-head self-attention on GPT-2's fused projection: split heads, attend, merge.
+
+    qkv: (B, T, 3C) as `c_attn` makes it, [q | k | v] along the last axis, each of the C columns
+    being NH heads of HS -> y: (B, T, C), the heads' outputs side by side. Per head this is
+    `CausalAttention`; doing the split and merge here, not as reshape/permute/index ops, saves
+    building three zero-padded (B, T, 3C) gradients and adding them up, and ~7 op calls per layer
+    when decoding. With a `cache` (generation, under no_grad) this step's keys and values are
+    appended to it and the queries attend over every cached position.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, qkv: np.ndarray, n_head: int, cache=None, layer: int = 0
+                ) -> np.ndarray:
+        B, T, C3 = qkv.shape
+        if C3 % (3 * n_head):
+            raise ValueError(f"multihead_attention: last axis of qkv {qkv.shape} is not 3 x "
+                             f"{n_head} heads")
+        C = C3 // 3
+        HS = C // n_head
+        heads = qkv.reshape(B, T, 3, n_head, HS).transpose(2, 0, 3, 1, 4)   # (3, B, NH, T, HS)
+        q, k, v = heads[0], heads[1], heads[2]
+        if cache is not None:
+            k, v = cache.append(layer, k, v)                                 # (B, NH, Tk, HS)
+        q3, k3, v3 = (np.ascontiguousarray(a).reshape(B * n_head, -1, HS) for a in (q, k, v))
+        scale = 1.0 / math.sqrt(HS)
+        y, p = kernels.attention_forward(q3, k3, v3, scale)                  # (B*NH, T, HS)
+        ctx.save(q3, k3, v3, p)
+        ctx.scale, ctx.cached = scale, cache is not None
+        return y.reshape(B, n_head, T, HS).transpose(0, 2, 1, 3).reshape(B, T, C)
+
+    @staticmethod
+    def backward(ctx: Context, dy: np.ndarray) -> tuple:
+        if ctx.cached:
+            raise RuntimeError("backward through KV-cached attention: the cache is for "
+                               "generation; run it under no_grad")
+        q3, k3, v3, p = ctx.saved
+        B, T, C = dy.shape
+        NH, HS = q3.shape[0] // B, q3.shape[2]
+        dy3 = np.ascontiguousarray(dy.reshape(B, T, NH, HS).transpose(0, 2, 1, 3))
+        dq, dk, dv = kernels.attention_backward(dy3.reshape(q3.shape), q3, k3, v3, p, ctx.scale)
+        dqkv = np.empty((B, T, 3, NH, HS), dy.dtype)
+        for i, d in enumerate((dq, dk, dv)):                                # back to (B, T, ...)
+            dqkv[:, :, i] = d.reshape(B, NH, T, HS).transpose(0, 2, 1, 3)
+        return dqkv.reshape(B, T, 3 * C), None, None, None
+
+
 # --- functional forms ------------------------------------------------------------------------------
 # NOTE: `sum`, `max` and `pow` below shadow the builtins inside this module; code above that means
 # the builtin says `builtins.max`.
@@ -848,6 +895,13 @@ def cross_entropy(logits: Tensor, targets: np.ndarray, ignore_index: int = -100,
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(HS), causal) v over the last two axes."""
     return CausalAttention.apply(q, k, v)
+
+
+def multihead_attention(qkv: Tensor, n_head: int, cache=None, layer: int = 0) -> Tensor:
+    """Causal self-attention of `n_head` heads from a fused (B, T, 3C) projection -> (B, T, C).
+
+    `cache` is a `tinygpt.nn.KVCache` (or anything with its `append(layer, k, v)`)."""
+    return MultiHeadAttention.apply(qkv, n_head, cache, layer)
 
 
 # --- Tensor operators ------------------------------------------------------------------------------
