@@ -11,7 +11,8 @@ run, with model FLOPs per token = 6 N + 12 L C T (N = parameters that multiply: 
 embedding lookups; 12 L C T: attention scores and weighted sum, forward and backward, counted for
 the full T x T square as the kernels compute it). The PyTorch model is defined below with the same
 shapes and initialisation, 2 threads, attention written out as in the book (no fused SDPA kernel),
-and torch.optim.AdamW with the same decay groups.
+and torch.optim.AdamW with the same decay groups, run twice: as the book calls it ("torch"), and
+with fused=True ("torch-fused"), whose one-pass update is ~10x faster than the default on CPU.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import time
 import numpy as np
 
 CONFIGS = {"mini": ("gpt-mini", 8), "124m": ("gpt2", 4)}      # name -> (preset, batch size)
+FRAMEWORKS = ("tinygpt", "torch", "torch-fused")
 T = 256
 
 
@@ -81,7 +83,7 @@ def run_tinygpt(preset: str, B: int, steps: int) -> dict:
     return _measure(step, steps, B, cfg)
 
 
-def run_torch(preset: str, B: int, steps: int) -> dict:
+def run_torch(preset: str, B: int, steps: int, fused_adamw: bool = False) -> dict:
     import torch
     torch.set_num_threads(2)
     from tinygpt import GPTConfig
@@ -92,7 +94,8 @@ def run_torch(preset: str, B: int, steps: int) -> dict:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wte" not in n
                                                                and "wpe" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=4e-4)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=4e-4,
+                            fused=fused_adamw or None)
     x, y = (torch.from_numpy(a) for a in _batch(cfg.vocab_size, B))
 
     def step():
@@ -163,8 +166,11 @@ def _torch_gpt(torch, cfg):
 
 def _child(framework: str, name: str, steps: int) -> int:
     preset, B = CONFIGS[name]
-    run = run_torch if framework == "torch" else run_tinygpt
-    print(json.dumps(run(preset, B, steps)))
+    if framework == "tinygpt":
+        result = run_tinygpt(preset, B, steps)
+    else:
+        result = run_torch(preset, B, steps, fused_adamw=framework == "torch-fused")
+    print(json.dumps(result))
     return 0
 
 
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="mini,124m", help="comma-separated: mini, 124m")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    parser.add_argument("--child", choices=("tinygpt", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     if any(n not in CONFIGS for n in names):
@@ -197,20 +203,23 @@ def main(argv: list[str] | None = None) -> int:
     gemm = sgemm_gflops()
     print(f"NumPy sgemm 2048^3 float32: {gemm:.0f} GFLOP/s (the MFU denominator); "
           f"context {T}, {args.steps} timed steps after a warm-up step, each run in a subprocess")
-    print(f"{'config':<24}{'framework':<10}{'tokens/s':>10}{'step s':>8}{'GFLOP/s':>9}"
-          f"{'MFU':>7}{'peak RSS MB':>13}{'vs torch':>10}")
+    print("torch: torch.optim.AdamW as the book uses it; torch-fused: with fused=True, "
+          "PyTorch's fastest CPU AdamW")
+    print(f"{'config':<24}{'framework':<12}{'tokens/s':>10}{'step s':>8}{'GFLOP/s':>9}"
+          f"{'MFU':>7}{'peak RSS MB':>13}{'tinygpt/this':>14}")
     for name in names:
         preset, B = CONFIGS[name]
-        ours = _spawn("tinygpt", name, args.steps)
-        theirs = _spawn("torch", name, args.steps) if have_torch else None
-        for framework, r in (("tinygpt", ours), ("torch", theirs)):
+        results = {f: _spawn(f, name, args.steps) for f in FRAMEWORKS
+                   if f == "tinygpt" or have_torch}
+        ours = results["tinygpt"]
+        for framework, r in results.items():
             if r is None:
                 continue
-            ratio = (f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
-                     if framework == "tinygpt" and ours and theirs else "")
-            print(f"{f'{name} ({preset}, B={B})':<24}{framework:<10}{r['tokens_per_s']:>10,.0f}"
+            ratio = (f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x"
+                     if framework != "tinygpt" and ours else "")
+            print(f"{f'{name} ({preset}, B={B})':<24}{framework:<12}{r['tokens_per_s']:>10,.0f}"
                   f"{r['step_s']:>8.2f}{r['model_gflops']:>9.0f}"
-                  f"{100 * r['model_gflops'] / gemm:>6.0f}%{r['peak_rss_mb']:>13,.0f}{ratio:>10}")
+                  f"{100 * r['model_gflops'] / gemm:>6.0f}%{r['peak_rss_mb']:>13,.0f}{ratio:>14}")
     return 0
 
 
