@@ -487,7 +487,10 @@ def cross_entropy_backward_numba(logits: np.ndarray, targets: np.ndarray, lse: n
 
 @_jit
 def _causal_softmax_rows(s: np.ndarray, scale: float) -> np.ndarray:
-    """In place: s[n, i] <- softmax(scale * s[n, i, :i+off+1]), masked entries 0.   s: (N, Tq, Tk)"""
+    """In place: s[n, i] <- softmax(scale * s[n, i, :i+off+1]), masked entries 0.
+
+    s: (N, Tq, Tk) raw scores q k^T; query i sees keys j <= i + off, off = Tk - Tq.
+    """
     N, Tq, Tk = s.shape
     off = Tk - Tq                                       # query i sees keys j <= i + off
     scale = s.dtype.type(scale)       # a Python float would turn the float32 loops into float64
