@@ -13,7 +13,7 @@ so the losses are close to the book's, not equal.
 
 The book reports losses of about 10.99 at initialisation and, after 10 epochs, train 0.39 and
 val 6.45: the model memorises the short text and overfits. This script exits 1 unless final
-train < 1 and val < 7. It takes ~10-20 minutes on a 2-core laptop CPU (90 steps of 512 tokens).
+train < 1 and val < 7. It takes 6.5-11 minutes on a 2-core CPU (90 steps of 512 tokens).
 """
 from __future__ import annotations
 
