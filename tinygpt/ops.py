@@ -647,10 +647,10 @@ class MultiHeadAttention(Function):
     """Causal multi-head self-attention on GPT-2's fused projection: split heads, attend, merge.
 
     qkv: (B, T, 3C) as `c_attn` makes it, [q | k | v] along the last axis, each of the C columns
-    being NH heads of HS -> y: (B, T, C), the heads' outputs side by side. Per head this is
-    `CausalAttention`; doing the split and merge here, not as reshape/permute/index ops, saves
-    building three zero-padded (B, T, 3C) gradients and adding them up, and ~7 op calls per layer
-    when decoding. With a `cache` (generation, under no_grad) this step's keys and values are
+    being NH heads of HS -> y: (B, T, C), the heads' outputs side by side. The attention itself is
+    `CausalAttention`'s forward and backward; doing the split and merge here, not as reshape,
+    permute and index ops, saves building three zero-padded (B, T, 3C) gradients and adding them
+    up, and ~7 op calls per layer when decoding. With a `cache` (generation, under no_grad) this step's keys and values are
     appended to it and the queries attend over every cached position.
     """
 
@@ -661,33 +661,25 @@ class MultiHeadAttention(Function):
         if C3 % (3 * n_head):
             raise ValueError(f"multihead_attention: last axis of qkv {qkv.shape} is not 3 x "
                              f"{n_head} heads")
-        C = C3 // 3
-        HS = C // n_head
-        heads = qkv.reshape(B, T, 3, n_head, HS).transpose(2, 0, 3, 1, 4)   # (3, B, NH, T, HS)
-        q, k, v = heads[0], heads[1], heads[2]
+        heads = qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
+        q, k, v = heads[0], heads[1], heads[2]                               # (B, NH, T, HS)
         if cache is not None:
             k, v = cache.append(layer, k, v)                                 # (B, NH, Tk, HS)
-        q3, k3, v3 = (np.ascontiguousarray(a).reshape(B * n_head, -1, HS) for a in (q, k, v))
-        scale = 1.0 / math.sqrt(HS)
-        y, p = kernels.attention_forward(q3, k3, v3, scale)                  # (B*NH, T, HS)
-        ctx.save(q3, k3, v3, p)
-        ctx.scale, ctx.cached = scale, cache is not None
-        return y.reshape(B, n_head, T, HS).transpose(0, 2, 1, 3).reshape(B, T, C)
+        ctx.cached = cache is not None
+        y = CausalAttention.forward(ctx, q, k, v)                            # (B, NH, T, HS)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)                # merge heads
 
     @staticmethod
     def backward(ctx: Context, dy: np.ndarray) -> tuple:
         if ctx.cached:
             raise RuntimeError("backward through KV-cached attention: the cache is for "
                                "generation; run it under no_grad")
-        q3, k3, v3, p = ctx.saved
-        B, T, C = dy.shape
-        NH, HS = q3.shape[0] // B, q3.shape[2]
-        dy3 = np.ascontiguousarray(dy.reshape(B, T, NH, HS).transpose(0, 2, 1, 3))
-        dq, dk, dv = kernels.attention_backward(dy3.reshape(q3.shape), q3, k3, v3, p, ctx.scale)
+        B, NH, T, HS = ctx.shapes[0]
+        dy_heads = dy.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)            # (B, NH, T, HS)
         dqkv = np.empty((B, T, 3, NH, HS), dy.dtype)
-        for i, d in enumerate((dq, dk, dv)):                                # back to (B, T, ...)
-            dqkv[:, :, i] = d.reshape(B, NH, T, HS).transpose(0, 2, 1, 3)
-        return dqkv.reshape(B, T, 3 * C), None, None, None
+        for i, d in enumerate(CausalAttention.backward(ctx, dy_heads)):     # dq, dk, dv
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        return dqkv.reshape(B, T, 3 * NH * HS), None, None, None
 
 
 # --- functional forms ------------------------------------------------------------------------------
