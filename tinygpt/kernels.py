@@ -496,7 +496,8 @@ def _causal_softmax_rows(s: np.ndarray, scale: float) -> np.ndarray:
     scale = s.dtype.type(scale)       # a Python float would turn the float32 loops into float64
     zero = s.dtype.type(0.0)
     for r in prange(N * Tq):
-        row, last = s[r // Tq, r % Tq], r % Tq + off
+        n, i = r // Tq, r % Tq
+        row, last = s[n, i], i + off
         m = row[0]
         for j in range(1, last + 1):
             m = max(m, row[j])
