@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from tinygpt import Tensor, no_grad
 from tinygpt.gradcheck import gradcheck
-from tinygpt.nn import MLP, CausalSelfAttention, Dropout, LayerNorm, Linear, Module
+from tinygpt.nn import MLP, CausalSelfAttention, Dropout, LayerNorm, Linear, Module, Parameter
 from tests.conftest import GRAD_ATOL, GRAD_RTOL
 from tests.strategies import arrays
 
@@ -23,12 +23,9 @@ def to_float64(module: Module, rng: np.random.Generator, noise: float = 0.3) -> 
 
 
 def _owner(module: Module, name: str) -> tuple[object, str]:
-    """The object and attribute a dotted parameter name lives at: 'h.0.attn.c_attn.weight'."""
-    *path, attr = name.split(".")
-    obj = module
-    for part in path:
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj, attr
+    """The module and attribute a dotted parameter name lives at: 'h.0.attn.c_attn.weight'."""
+    path, _, attr = name.rpartition(".")
+    return module.get_submodule(path), attr
 
 
 def gradcheck_parameters(module: Module, forward, seed: int = 0) -> bool:
@@ -50,7 +47,7 @@ def gradcheck_parameters(module: Module, forward, seed: int = 0) -> bool:
         return gradcheck(f, *arrays_, rtol=GRAD_RTOL, atol=GRAD_ATOL, seed=seed)
     finally:
         for (obj, attr), a in zip(slots, arrays_):       # leave plain leaf parameters behind
-            setattr(obj, attr, Tensor(a, requires_grad=True))
+            setattr(obj, attr, Parameter(a))
 
 
 # --- parameter discovery and names ----------------------------------------------------------------
@@ -61,7 +58,7 @@ class _Toy(Module):
         self.layers = [Linear(4, 4, rng, bias=False), LayerNorm(4)]
         self.out = Linear(4, 4, rng)
         self.out.weight = self.layers[0].weight          # tied: one tensor, two places
-        self.scale = Tensor(np.ones(4, np.float32), requires_grad=True)
+        self.scale = Parameter(np.ones(4, np.float32))
         self.buffer = Tensor(np.zeros(4, np.float32))    # no grad: not a parameter
         self.drop = Dropout(0.5, rng)
 
@@ -80,6 +77,44 @@ def test_named_parameters_dotted_names_lists_and_tied_tensors():
     assert len(m.parameters()) == 7
     assert all(p.requires_grad for p in m.parameters())
     assert dict(m.named_parameters())["layers.0.weight"] is m.out.weight
+
+
+def test_frozen_parameters_stay_parameters_but_not_trainable():
+    m = _Toy(np.random.default_rng(0))
+    assert m.requires_grad_(False) is m
+    assert len(m.parameters()) == 7 and m.trainable_parameters() == []
+    assert set(m.state_dict()) == {n for n, _ in m.named_parameters()}
+    m.get_submodule("layers.1").requires_grad_(True)
+    assert [n for n, _ in m.named_trainable_parameters()] == ["layers.1.weight", "layers.1.bias"]
+    assert m.num_parameters(trainable_only=True) == 8
+    assert m.num_parameters() == 3 * 4 + 4 + 16 + 4 + 4 + 4 + 4
+
+
+def test_get_and_set_submodule_walk_attributes_and_lists():
+    m = _Toy(np.random.default_rng(0))
+    assert m.get_submodule("layers.0") is m.layers[0]
+    assert m.get_submodule("") is m
+    new = Linear(4, 4, np.random.default_rng(1))
+    m.set_submodule("layers.0", new)
+    assert m.layers[0] is new
+    m.set_submodule("out", new)
+    assert m.out is new
+    for bad in ("layers.7", "nope", "layers.0.weight", "scale"):
+        with pytest.raises(ValueError, match="submodule|not a module"):
+            m.get_submodule(bad)
+    with pytest.raises(ValueError):
+        m.set_submodule("inp.weight", new)
+
+
+def test_frozen_prefix_records_no_graph():
+    """Ops whose inputs are all frozen record nothing: backward stops at the first trainable op."""
+    rng = np.random.default_rng(0)
+    first, second = Linear(3, 4, rng), Linear(4, 2, rng)
+    first.requires_grad_(False)
+    h = first(Tensor(np.ones((2, 3), np.float32)))
+    assert h._ctx is None and not h.requires_grad          # nothing kept for backward
+    second(h).sum().backward()
+    assert first.weight.grad is None and second.weight.grad is not None
 
 
 def test_zero_grad_clears_every_parameter():

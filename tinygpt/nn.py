@@ -17,8 +17,25 @@ from tinygpt import ops
 from tinygpt.autograd import Tensor, is_grad_enabled
 
 
+class Parameter(Tensor):
+    """A Tensor that belongs to a Module's state: saved, loaded and counted, trained or frozen.
+
+    Being a parameter and being trained are separate questions: `requires_grad` says whether the
+    optimizer updates it (`Module.requires_grad_` freezes or unfreezes), and a frozen Parameter
+    still appears in `named_parameters()`, state dicts, checkpoints and saved models.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, data: Any, requires_grad: bool = True):
+        super().__init__(data, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter" + super().__repr__()[len("Tensor"):]
+
+
 class Module:
-    """Base class: finds parameters by walking attributes (Tensors, Modules, lists of Modules)."""
+    """Base class: finds parameters by walking attributes (Parameters, Modules, lists of Modules)."""
 
     training: bool = True
 
@@ -45,23 +62,70 @@ class Module:
             yield module
             stack.extend(child for _, child in module.named_children())
 
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
-        """Dotted names such as `h.3.attn.c_attn.weight`; a shared (tied) tensor appears once."""
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """Every Parameter, frozen or not, with a dotted name such as `h.3.attn.c_attn.weight`;
+        a shared (tied) tensor appears once, under its first name."""
         seen: set[int] = set()
         stack = [(prefix, self)]
         while stack:
             path, module = stack.pop(0)
             for name, value in vars(module).items():
-                if isinstance(value, Tensor) and value.requires_grad and id(value) not in seen:
+                if isinstance(value, Parameter) and id(value) not in seen:
                     seen.add(id(value))
                     yield path + name, value
             stack[:0] = [(f"{path}{name}.", child) for name, child in module.named_children()]
 
-    def parameters(self) -> list[Tensor]:
+    def named_trainable_parameters(self) -> Iterator[tuple[str, Parameter]]:
+        """The parameters the optimizer updates: those with requires_grad."""
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
 
-    def num_parameters(self) -> int:
-        return sum(p.size for p in self.parameters())
+    def trainable_parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = self.trainable_parameters() if trainable_only else self.parameters()
+        return sum(p.size for p in params)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
+        """Train (True) or freeze (False) every parameter in this module; returns self.
+
+        Freezing is what makes fine-tuning cheap: an op whose inputs all have requires_grad=False
+        records no graph, so a frozen prefix of the model runs as if under no_grad and keeps none
+        of its activations for backward.
+        """
+        for p in self.parameters():
+            p.requires_grad = bool(requires_grad)
+            if not requires_grad:
+                p.grad = None
+        return self
+
+    def get_submodule(self, name: str) -> Module:
+        """The module at a dotted path such as `h.11.mlp` ("" is this module)."""
+        module: Any = self
+        for part in name.split(".") if name else ():
+            module = _child(module, part, name)
+        if not isinstance(module, Module):
+            raise ValueError(f"{name!r} is a {type(module).__name__}, not a module")
+        return module
+
+    def set_submodule(self, name: str, module: Module) -> None:
+        """Replace the module at a dotted path (e.g. swap a Linear for a LoRA-wrapped one)."""
+        if not name:
+            raise ValueError("set_submodule needs a dotted path, not the empty name")
+        parent_name, _, last = name.rpartition(".")
+        parent = self
+        for part in parent_name.split(".") if parent_name else ():
+            parent = _child(parent, part, name)
+        old = _child(parent, last, name)
+        if not isinstance(old, Module):
+            raise ValueError(f"{name!r} is a {type(old).__name__}, not a module")
+        if isinstance(parent, list):
+            parent[int(last)] = module
+        else:
+            setattr(parent, last, module)
 
     def zero_grad(self) -> None:
         for p in self.parameters():
@@ -97,6 +161,15 @@ class Module:
                 p.data = np.array(array, dtype=p.dtype, order="C")    # own, aligned copy
 
 
+def _child(obj: Any, part: str, path: str) -> Any:
+    """One step of a dotted path: an attribute of a module, or an index into a list of them."""
+    if isinstance(obj, (list, tuple)) and part.isdigit() and int(part) < len(obj):
+        return obj[int(part)]
+    if isinstance(obj, Module) and part in vars(obj):
+        return vars(obj)[part]
+    raise ValueError(f"no submodule {path!r}: {part!r} not found")
+
+
 def shape_mismatches(expected: dict[str, tuple], given: dict[str, tuple]
                      ) -> tuple[list[str], list[str], list[str]]:
     """Names (with shapes) missing from `given`, unexpected in it, and of the wrong shape."""
@@ -107,12 +180,12 @@ def shape_mismatches(expected: dict[str, tuple], given: dict[str, tuple]
     return missing, unexpected, misshaped
 
 
-def _normal(rng: np.random.Generator | None, shape: tuple[int, ...], std: float) -> Tensor:
+def _normal(rng: np.random.Generator | None, shape: tuple[int, ...], std: float) -> Parameter:
     """N(0, std^2) float32 weights; with rng=None uninitialised memory, for weights about to be
     loaded from a file (drawing 124M normals only to overwrite them takes ~1.5 s)."""
     if rng is None:
-        return Tensor(np.empty(shape, np.float32), requires_grad=True)
-    return Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(std), requires_grad=True)
+        return Parameter(np.empty(shape, np.float32))
+    return Parameter(rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
 
 
 class Linear(Module):
@@ -121,7 +194,7 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, rng: np.random.Generator | None,
                  bias: bool = True, std: float = 0.02):
         self.weight = _normal(rng, (in_features, out_features), std)
-        self.bias = Tensor(np.zeros(out_features, np.float32), requires_grad=True) if bias else None
+        self.bias = Parameter(np.zeros(out_features, np.float32)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.linear(x, self.weight, self.bias)
@@ -142,8 +215,8 @@ class LayerNorm(Module):
     """Normalise the last axis to zero mean and unit variance, then scale and shift."""
 
     def __init__(self, n_embd: int, eps: float = 1e-5):
-        self.weight = Tensor(np.ones(n_embd, np.float32), requires_grad=True)
-        self.bias = Tensor(np.zeros(n_embd, np.float32), requires_grad=True)
+        self.weight = Parameter(np.ones(n_embd, np.float32))
+        self.bias = Parameter(np.zeros(n_embd, np.float32))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
