@@ -4,7 +4,8 @@ A `Tensor` wraps an `np.ndarray` (float32 by default, float64 kept) and remember
 call that produced it. `Tensor.backward()` walks that graph in reverse topological order with an
 explicit stack (so a 48-layer model never meets Python's recursion limit), calls each op's
 `backward`, checks the gradient's shape and dtype at the op that produced it, and accumulates into
-the leaves. The ops themselves, and the operators `+ - * / @ ...` on `Tensor`, live in `ops.py`.
+the leaves. The ops live in `ops.py` and `fused.py`; the operators `+ - * / @ ...` on `Tensor` are
+attached in `functional.py`.
 
     python -c "import tinygpt as tg; x = tg.Tensor([1., 2.], requires_grad=True); (x * x).sum().backward(); print(x.grad)"
 """

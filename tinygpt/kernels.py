@@ -2,7 +2,7 @@
 
 This module owns the fused, performance-critical pieces of math (softmax, LayerNorm, tanh-GELU,
 cross-entropy from logits, causal attention, the AdamW update), each on plain contiguous arrays. It knows nothing
-about `Tensor` or autograd: `ops.py` reshapes its inputs and calls the public names below.
+about `Tensor` or autograd: `fused.py` reshapes its inputs and calls the public names below.
 
 Every public name `X` is bound at import to `X_numba`, or to `X_ref` when the environment has
 `TINYGPT_NUMBA=0` (debugging, or no numba). Kernels return new arrays, keep the input dtype

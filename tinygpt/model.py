@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tinygpt import ops
+from tinygpt import functional as F
 from tinygpt.autograd import Tensor
 from tinygpt.nn import (CausalSelfAttention, Dropout, Embedding, KVCache, LayerNorm, Linear, MLP,
                         Module)
@@ -108,7 +108,7 @@ class GPT(Module):
 
     def head_weight(self) -> Tensor:
         """The (C, V) matrix that maps the final hidden state to logits."""
-        return ops.transpose(self.wte.weight) if self.lm_head is None else self.lm_head.weight
+        return F.transpose(self.wte.weight) if self.lm_head is None else self.lm_head.weight
 
     def hidden(self, idx: np.ndarray, cache: KVCache | None = None) -> Tensor:
         """The residual stream after ln_f: (B, T, C)."""
@@ -131,10 +131,10 @@ class GPT(Module):
         x = self.hidden(idx, cache)
         if cache is not None:
             x = x[:, -1:, :]                  # generation needs the next token only
-        logits = ops.linear(x, self.head_weight())                       # (B, T, V)
+        logits = F.linear(x, self.head_weight())                       # (B, T, V)
         if targets is None:
             return logits
-        return logits, ops.cross_entropy(logits, targets)
+        return logits, F.cross_entropy(logits, targets)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         cfg = self.config

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from tinygpt import ops
+from tinygpt import functional as F
 from tinygpt.autograd import Tensor, is_grad_enabled
 
 
@@ -197,7 +197,7 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(out_features, np.float32)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(Module):
@@ -208,7 +208,7 @@ class Embedding(Module):
         self.weight = _normal(rng, (num_embeddings, embedding_dim), std)
 
     def forward(self, idx: np.ndarray) -> Tensor:
-        return ops.embedding(self.weight, idx)
+        return F.embedding(self.weight, idx)
 
 
 class LayerNorm(Module):
@@ -220,7 +220,7 @@ class LayerNorm(Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class Dropout(Module):
@@ -230,7 +230,7 @@ class Dropout(Module):
         self.p, self.rng = p, rng
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.dropout(x, self.p, self.rng, training=self.training and is_grad_enabled())
+        return F.dropout(x, self.p, self.rng, training=self.training and is_grad_enabled())
 
 
 class MLP(Module):
@@ -243,7 +243,7 @@ class MLP(Module):
         self.dropout = Dropout(dropout, rng)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(ops.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 class KVCache:
@@ -284,5 +284,5 @@ class CausalSelfAttention(Module):
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         qkv = self.c_attn(x)                                             # (B, T, 3C)
         # per head h: q, k, v = its HS columns of each third; y_h = softmax(q k^T / sqrt(HS)) v
-        y = ops.multihead_attention(qkv, self.n_head, cache, layer)     # (B, T, C), heads merged
+        y = F.multihead_attention(qkv, self.n_head, cache, layer)     # (B, T, C), heads merged
         return self.resid_dropout(self.c_proj(y))
