@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tinygpt import GPT, GPTConfig, Tensor
-from tinygpt.optim import SGD, AdamW, clip_grad_norm, global_grad_norm, lr_at, should_decay
+from tinygpt.optim import (SGD, AdamW, clip_coef, clip_grad_norm, global_grad_norm, lr_at,
+                           should_decay)
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
 
@@ -130,6 +131,11 @@ def test_clip_grad_norm():
     assert clip_grad_norm([a, b], 1.0) == pytest.approx(5.0)
     assert global_grad_norm([a, b]) == pytest.approx(1.0, rel=1e-5)
     np.testing.assert_allclose(b.grad, [[0.0, 0.8]], rtol=1e-5)
+
+
+def test_clip_coef_is_pytorchs_rule():
+    assert clip_coef(5.0, 10.0) == 1.0 and clip_coef(5.0, 0.0) == 1.0       # under; 0: off
+    assert clip_coef(5.0, 1.0) == 1.0 / (5.0 + 1e-6)                        # clip_grad_norm_'s
 
 
 def test_optimizer_state_round_trip():

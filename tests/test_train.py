@@ -19,7 +19,7 @@ from tinygpt import cli
 from tinygpt.checkpoint import load_checkpoint, read_record
 from tinygpt.data import DataLoader, GPTDataset
 from tinygpt.tokenizer import CharTokenizer
-from tinygpt.train import TrainConfig, TrainingDiverged, default_loss, train
+from tinygpt.train import TrainConfig, TrainingDiverged, default_loss, estimate_loss, train
 
 TEXT = "".join(f"the cat {w} on the mat. a dog {w} by the door.\n"
                for w in ("sat", "ran", "lay", "hid", "sat", "ran", "ate", "sat") * 6)
@@ -267,3 +267,137 @@ def test_cli_offline_without_data(tiny_run, tmp_path, capsys, monkeypatch):
     i = argv.index("--data")
     err = _cli_error(argv[:i] + argv[i + 2:] + ["--out", str(tmp_path / "o")], capsys)
     assert "pass --data" in err
+
+
+# --- hooks: time budget, metrics, grad_hook, is_main, batches of any structure ------------------
+
+def test_max_seconds_stops_the_run_and_evaluates_and_saves_at_the_end(tmp_path):
+    cfg = _cfg(max_steps=100_000, eval_freq=100_000, max_seconds=0.5, out_dir=str(tmp_path))
+    result = train(GPT(MODEL), *_loaders(), cfg, progress=False)
+    assert 0 < result.step < 100_000
+    assert [e["step"] for e in result.evals] == [0, result.step]     # start and end
+    assert read_record(tmp_path)["step"] == result.step               # the end is checkpointed
+
+
+def _accuracy(model, x, y) -> float:
+    """Next-token accuracy: the metric a classifier would report."""
+    return float((model(x).data.argmax(-1) == y).mean())
+
+
+def test_metrics_are_evaluated_logged_and_written_to_log_csv(tmp_path):
+    messages = []
+    result = train(GPT(MODEL), *_loaders(), _cfg(max_steps=2, out_dir=str(tmp_path)),
+                   metrics={"accuracy": _accuracy}, log=messages.append, progress=False)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].split(",")[-2:] == ["train_accuracy", "val_accuracy"]
+    assert all(0.0 <= e["val_accuracy"] <= 1.0 for e in result.evals)
+    assert "| accuracy train " in messages[0]
+
+
+def test_grad_hook_sees_summed_gradients_before_the_update():
+    calls = []
+
+    def zero_grads(params):                    # what an all-reduce would do, but to zeros
+        calls.append(len(params))
+        assert all(p.grad is not None for p in params)
+        for p in params:
+            p.grad[...] = 0.0
+
+    model = GPT(replace(MODEL, dropout=0.0))
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    train(model, *_loaders(), _cfg(max_steps=3, accum=2, optimizer="sgd", weight_decay=0.0),
+          grad_hook=zero_grads, progress=False)
+    assert calls == [len(model.trainable_parameters())] * 3
+    assert all(np.array_equal(before[n], p.data) for n, p in model.named_parameters())
+
+
+def test_not_main_process_writes_and_logs_nothing(tmp_path):
+    messages = []
+    out = tmp_path / "run"
+    train(GPT(MODEL), *_loaders(), _cfg(max_steps=2, sample_tokens=3, out_dir=str(out)),
+          tokenizer=TOK, log=messages.append, is_main=False, progress=False)
+    assert messages == [] and not out.exists()
+
+
+def test_dict_batches_with_their_own_loss_and_token_count():
+    class DictBatches:
+        def __init__(self, loader):
+            self.loader, self.rng = loader, loader.rng
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for x, y in self.loader:
+                yield {"x": x, "y": y}
+
+    train_data, val_data = _loaders()
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(sorted(batch))
+        return default_loss(model, batch["x"], batch["y"])
+
+    result = train(GPT(MODEL), DictBatches(train_data), DictBatches(val_data), _cfg(max_steps=2),
+                   loss_fn=loss_fn, count_tokens=lambda b: b["x"].shape[0], progress=False)
+    assert seen[0] == ["x", "y"] and result.tokens_seen == 2 * 4     # rows, as counted here
+
+
+def test_train_eval_data_replaces_train_data_in_the_estimate():
+    train_data, val_data = _loaders()
+    fixed = [train_data.dataset.batch(np.arange(4))]
+    model, steps = GPT(MODEL), []
+    result = train(model, train_data, val_data, _cfg(max_steps=2), train_eval_data=fixed,
+                   progress=False, on_eval=lambda row, r: steps.append(row["step"]))
+    assert steps == [0, 2]
+    assert result.evals[-1]["train_loss"] == estimate_loss(model, fixed, 1)
+
+
+# --- freezing -----------------------------------------------------------------------------------
+
+def _frozen_model(seed: int = 0) -> GPT:
+    model = GPT(replace(MODEL, n_layer=2), seed=seed)
+    model.requires_grad_(False)
+    model.h[-1].requires_grad_(True)
+    return model
+
+
+def test_frozen_parameters_stay_put_and_stay_in_checkpoints(tmp_path):
+    model = _frozen_model()
+    trainable = {n for n, _ in model.named_trainable_parameters()}
+    assert trainable and all(n.startswith("h.1.") for n in trainable)
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    train(model, *_loaders(), _cfg(max_steps=3, out_dir=str(tmp_path)), progress=False)
+    for name, p in model.named_parameters():
+        assert np.array_equal(before[name], p.data) == (name not in trainable), name
+    arrays, record = load_checkpoint(tmp_path)
+    assert {k[6:] for k in arrays if k.startswith("model.")} == set(before)   # frozen ones too
+    moments = {k.split(".", 2)[2] for k in arrays if k.startswith("optim.")}
+    assert moments == trainable                          # optimizer state: trained ones only
+    assert set(record["trainable"]) == trainable
+    for name in set(before) - trainable:
+        assert np.array_equal(arrays[f"model.{name}"], before[name])
+
+
+def test_frozen_run_resumes_bit_identically(tmp_path):
+    cfg = _cfg(max_steps=6, ckpt_freq=3)
+    full = train(_frozen_model(), *_loaders(), replace(cfg, out_dir=str(tmp_path / "a")),
+                 progress=False)
+    out = str(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(_frozen_model(), *_loaders(), replace(cfg, out_dir=out),
+              log=_stop_at_checkpoint(3), progress=False)
+    resumed = train(_frozen_model(seed=99), *_loaders(seed=99), replace(cfg, out_dir=out),
+                    progress=False, resume=True)
+    assert resumed.losses == full.losses[3:] and resumed.evals == full.evals
+    a, _ = load_checkpoint(tmp_path / "a")
+    b, _ = load_checkpoint(out)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_frozen_parameters_is_an_error(tmp_path):
+    cfg = _cfg(max_steps=2, out_dir=str(tmp_path))
+    train(_frozen_model(), *_loaders(), cfg, progress=False)
+    with pytest.raises(ValueError, match="trained other parameters"):
+        train(GPT(replace(MODEL, n_layer=2)), *_loaders(), replace(cfg, max_steps=3),
+              progress=False, resume=True)

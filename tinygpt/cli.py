@@ -243,7 +243,8 @@ def _run_pretrain(args) -> int:
 
     from tinygpt import GPT, GPTConfig
     from tinygpt.checkpoint import read_record
-    from tinygpt.train import TrainConfig, TrainingDiverged, pretrain_data, train
+    from tinygpt.data import pretrain_data
+    from tinygpt.train import TrainConfig, TrainingDiverged, train
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume:
         if "out_dir" not in given:
@@ -259,7 +260,8 @@ def _run_pretrain(args) -> int:
     if data is None:
         cache = os.environ.get("TINYGPT_CACHE") or Path.home() / ".cache" / "tinygpt"
         data = _pretrain_text(cache)
-    train_data, val_data, tok = pretrain_data(data, cfg, tokenizer)
+    train_data, val_data, tok = pretrain_data(data, cfg.context_length, cfg.batch_size, cfg.seed,
+                                              tokenizer)
     if model_cfg is None or args.model is not None or args.dropout is not None:
         name = args.model or "gpt2"           # on --resume, a different model is an error later
         base = (GPTConfig(**json.loads(Path(name).read_text())) if name.endswith(".json")

@@ -2,8 +2,9 @@
 
 Owns the book's sliding-window dataset (`GPTDataset`, chapter 2) with a `DataLoader`-like batch
 iterator, and, for corpora larger than memory, `prepare` (text file -> uint16 `train.bin`/`val.bin`
-+ `meta.json`) with `MemmapDataset`, which samples random windows straight from disk. Tokenizers are
-`tokenizer.py`; the training loop that consumes batches is `train.py`.
++ `meta.json`) with `MemmapDataset`, which samples random windows straight from disk, and
+`pretrain_data`, the batches of `tinygpt pretrain` from either. Tokenizers are `tokenizer.py`;
+the training loop that consumes batches is `train.py`.
 
     tinygpt prepare ../shared/data/tinyshakespeare.txt data/shakespeare --tokenizer gpt2
 
@@ -326,3 +327,54 @@ class MemmapDataset:
         """`batch_size` windows at uniformly random starts drawn from `rng`: (B, T) each."""
         _check_positive(batch_size=batch_size)
         return self.batch(rng.integers(0, len(self), size=batch_size))
+
+
+# --- data for `tinygpt pretrain`: a text file, or a directory written by `prepare` --------------
+
+class SampledBatches:
+    """Batches of random windows from a `MemmapDataset`; an "epoch" is as many batches as it takes
+    to see about every token once. The windows come from `self.rng`, which checkpoints save."""
+
+    def __init__(self, dataset: MemmapDataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.n_batches = max(1, len(dataset) // (batch_size * dataset.max_length))
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for _ in range(self.n_batches):
+            yield self.dataset.sample_batch(self.batch_size, self.rng)
+
+
+def pretrain_data(path: str | Path, context_length: int, batch_size: int, seed: int,
+                  tokenizer: str = "gpt2", val_fraction: float = 0.1):
+    """(train batches, val batches, tokenizer) for a UTF-8 text file or a `prepare`d directory.
+
+    A text file is split by characters (the book's 90/10) into windows of `context_length`
+    tokens with stride `context_length`, the training batches shuffled with `seed`.
+    """
+    path, T, B = Path(path), context_length, batch_size
+    if path.is_dir():
+        meta = read_meta(path)
+        tok = (CharTokenizer(meta["chars"]) if meta["tokenizer"] == "char"
+               else get_tokenizer(meta["tokenizer"]))
+        train_ds, val_ds = (MemmapDataset.from_prepared(path, s, T) for s in ("train", "val"))
+        return SampledBatches(train_ds, B, seed), SampledBatches(val_ds, B, seed + 1), tok
+    text = read_text(path)
+    tok = get_tokenizer(tokenizer, text=text)
+    parts = dict(zip(("training", "validation"), train_val_split(text, val_fraction)))
+    loaders = []
+    for name, part in parts.items():
+        try:
+            dataset = GPTDataset.from_text(part, tok, T, T)
+        except ValueError as e:
+            raise ValueError(f"{path}: the {name} split ({len(part):,} characters) is too short "
+                             f"for one window of context_length={T}: {e}") from None
+        shuffle = name == "training"
+        loaders.append(DataLoader(dataset, B, shuffle=shuffle, drop_last=shuffle, seed=seed))
+    if len(loaders[0]) == 0:
+        raise ValueError(f"{path}: the training split has {len(loaders[0].dataset)} windows of "
+                         f"{T} tokens, fewer than one batch of {B}")
+    return loaders[0], loaders[1], tok

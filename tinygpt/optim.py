@@ -1,4 +1,4 @@
-"""Optimizers and the learning-rate schedule: `SGD`, `AdamW`, `lr_at`, `clip_grad_norm`.
+"""Optimizers and the learning-rate schedule: `SGD`, `AdamW`, `lr_at`, `clip_coef`.
 
 This module owns how gradients become parameter updates. It reads `Tensor.grad` (filled by
 `loss.backward()`) and writes `Tensor.data` in place; the loop that calls it is `train.py`.
@@ -63,13 +63,24 @@ def global_grad_norm(params: Iterable[Tensor]) -> float:
     return math.sqrt(total)
 
 
+def clip_coef(norm: float, max_norm: float) -> float:
+    """The factor that brings gradients of global norm `norm` to at most `max_norm`:
+    min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_; max_norm 0: no clipping.
+
+    The one clipping rule of tinygpt: `clip_grad_norm` applies it to the gradients, the trainer
+    folds it into `optimizer.step(grad_scale=...)` instead (no extra pass over the gradients)."""
+    if not max_norm:
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
 def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
     """Scale all gradients in place so their global norm is at most `max_norm`; return the norm
-    before clipping. (The trainer folds the same factor into `step(grad_scale=...)` instead.)"""
+    before clipping."""
     params = list(params)
     norm = global_grad_norm(params)
-    if norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
+    scale = clip_coef(norm, max_norm)
+    if scale != 1.0:
         for p in params:
             if p.grad is not None:
                 p.grad *= scale

@@ -1,17 +1,23 @@
-"""The training loop: `TrainConfig` and `train(model, train_data, val_data, cfg)`.
+"""The training loop: `TrainConfig`, `train_step` and `train(model, train_data, val_data, cfg)`.
 
 One loop serves pretraining (the CLI's `tinygpt pretrain`, the demos) and fine-tuning alike: it
-takes any re-iterable of `(x, y)` batches (one pass = one epoch) and an optional
-`loss_fn(model, x, y) -> Tensor` (default: the GPT's mean next-token cross-entropy). Per step:
+takes any re-iterable of batches (one pass = one epoch) and an optional `loss_fn` (default: the
+GPT's mean next-token cross-entropy). A batch may have any structure: a tuple such as `(x, y)` is
+unpacked, `loss_fn(model, x, y)`; anything else (a dict, say) is passed whole, `loss_fn(model,
+batch)`. Metrics and `count_tokens` follow the same rule. One step (`train_step`):
 
-    for each of `accum` micro-batches:  loss = loss_fn(model, x, y); loss.backward()
-    g_norm = ||all grads|| / accum;  scale = 1/accum * min(1, grad_clip / g_norm)
+    for each of `accum` micro-batches:  loss = loss_fn(model, *batch); loss.backward()
+    grad_hook(params)                       e.g. an all-reduce across processes
+    g_norm = ||all grads|| / accum;  scale = 1/accum * clip_coef(g_norm, grad_clip)
     optimizer.step(grad_scale=scale)  with lr = lr_at(step) (warmup, then cosine)
 
-Every `eval_freq` steps (and at step 0 and the end): mean train and val loss over `eval_iter`
-batches with dropout off, perplexity exp(loss), and a greedy sample from `start_context`.
-Figures go to the `log` callback and a tqdm bar (stderr); with `out_dir`, also to `log.csv`,
-`loss.png` (if matplotlib is installed) and checkpoints (see `checkpoint.py`).
+Only trainable parameters (`model.named_trainable_parameters()`) reach the optimizer; frozen ones
+still go into checkpoints. Every `eval_freq` steps (and at step 0 and the end): mean train and val
+loss over `eval_iter` batches with dropout off, perplexity exp(loss), each of `metrics`, and a
+greedy sample from `start_context`. Figures go to the `log` callback and a tqdm bar (stderr); with
+`out_dir`, also to `log.csv`, `loss.png` (if matplotlib is installed) and checkpoints (see
+`checkpoint.py`). With several processes only the one with `is_main` writes or logs anything.
+The run ends after `max_steps` steps or `max_seconds` of wall time, whichever comes first.
 
 Resume is bit-identical: a checkpoint holds the parameters, AdamW's moments, the step, the
 data loader's RNG state at the start of the current epoch plus how many batches of that epoch were
@@ -26,7 +32,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -36,10 +42,12 @@ from tinygpt import runtime
 from tinygpt.autograd import Tensor, no_grad
 from tinygpt.checkpoint import load_checkpoint, read_record, save_checkpoint
 from tinygpt.fileio import atomic_write
-from tinygpt.optim import SGD, AdamW, global_grad_norm, lr_at
+from tinygpt.optim import SGD, AdamW, clip_coef, global_grad_norm, lr_at
 
-Batch = tuple[np.ndarray, np.ndarray]
-LossFn = Callable[[Any, np.ndarray, np.ndarray], Tensor]
+Batch = Any                                  # (x, y) arrays, or any structure the loss_fn takes
+LossFn = Callable[..., Tensor]               # loss_fn(model, *batch) -> scalar Tensor
+MetricFn = Callable[..., float]              # metric(model, *batch) -> float, e.g. accuracy
+GradHook = Callable[[list[Tensor]], None]    # grad_hook(trainable parameters), grads filled
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class TrainConfig:
     batch_size: int = 4              # windows per micro-batch B
     epochs: int = 1                  # passes over the training data (when max_steps is 0)
     max_steps: int = 0               # optimizer steps in total; 0: epochs * batches // accum
+    max_seconds: float = 0.0         # wall-clock budget of one train() call; 0: none
     accum: int = 1                   # micro-batches per step; tokens/step = accum * B * T
     optimizer: str = "adamw"         # "adamw" or "sgd"
     lr: float = 4e-4                 # peak learning rate (the book's chapter 5: 4e-4)
@@ -72,8 +81,8 @@ class TrainConfig:
                      "eval_iter"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup", "ckpt_freq", "sample_tokens", "lr", "weight_decay",
-                     "grad_clip"):
+        for name in ("max_steps", "max_seconds", "warmup", "ckpt_freq", "sample_tokens", "lr",
+                     "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -89,8 +98,8 @@ class TrainConfig:
 
 # fields a resume may change: reporting only, or a longer run (max_steps, epochs; this stretches
 # a cosine schedule, so only an unchanged run resumes bit-identically)
-RESUME_MAY_DIFFER = ("max_steps", "epochs", "eval_freq", "eval_iter", "ckpt_freq", "start_context",
-                     "sample_tokens", "out_dir")
+RESUME_MAY_DIFFER = ("max_steps", "max_seconds", "epochs", "eval_freq", "eval_iter", "ckpt_freq",
+                     "start_context", "sample_tokens", "out_dir")
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,29 +122,52 @@ def default_loss(model, x: np.ndarray, y: np.ndarray) -> Tensor:
     return model(x, y)[1]
 
 
+def batch_tokens(batch: Batch) -> int:
+    """Tokens in a batch: the size of x in an (x, y, ...) tuple, or of a bare array."""
+    if isinstance(batch, tuple):
+        return int(np.size(batch[0]))
+    if isinstance(batch, np.ndarray):
+        return int(batch.size)
+    raise TypeError(f"cannot count the tokens of a {type(batch).__name__} batch: give train() "
+                    "count_tokens=")
+
+
+def apply_to_batch(fn: Callable, model, batch: Batch) -> Any:
+    """fn(model, *batch) for a tuple batch, fn(model, batch) for any other."""
+    return fn(model, *batch) if isinstance(batch, tuple) else fn(model, batch)
+
+
 def make_optimizer(model, cfg: TrainConfig) -> AdamW | SGD:
+    """The optimizer of `cfg`, over the model's trainable parameters only."""
+    params = list(model.named_trainable_parameters())
+    if not params:
+        raise ValueError("the model has no trainable parameters: every one is frozen")
     if cfg.optimizer == "sgd":
-        return SGD(model.named_parameters(), lr=cfg.lr, momentum=cfg.beta1,
-                   weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings)
-    return AdamW(model.named_parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                 weight_decay=cfg.weight_decay, decay_embeddings=cfg.decay_embeddings)
+        return SGD(params, lr=cfg.lr, momentum=cfg.beta1, weight_decay=cfg.weight_decay,
+                   decay_embeddings=cfg.decay_embeddings)
+    return AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                 decay_embeddings=cfg.decay_embeddings)
 
 
-def estimate_loss(model, data: Iterable[Batch], n_batches: int,
-                  loss_fn: LossFn = default_loss) -> float:
-    """Mean loss over the first `n_batches` of `data`, dropout off, no graph; the loader's RNG
-    (if it has one) is left as it was, so evaluating does not change training's data order."""
+def evaluate(model, data: Iterable[Batch], n_batches: int, loss_fn: LossFn = default_loss,
+             metrics: dict[str, MetricFn] | None = None) -> dict[str, float]:
+    """{"loss": mean loss, name: mean metric, ...} over the first `n_batches` of `data`, dropout
+    off, no graph; the loader's RNG (if it has one) is left as it was, so evaluating does not
+    change training's data order. Each metric is averaged per batch, like the loss."""
+    metrics = metrics or {}
     rng = getattr(data, "rng", None)
     saved = rng.bit_generator.state if rng is not None else None
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    totals, n = dict.fromkeys(["loss", *metrics], 0.0), 0
     try:
         with no_grad():
-            for x, y in data:
+            for batch in data:
                 if n == n_batches:
                     break
-                total += float(loss_fn(model, x, y).data)
+                totals["loss"] += float(apply_to_batch(loss_fn, model, batch).data)
+                for name, metric in metrics.items():
+                    totals[name] += float(apply_to_batch(metric, model, batch))
                 n += 1
     finally:
         model.train(was_training)
@@ -143,7 +175,42 @@ def estimate_loss(model, data: Iterable[Batch], n_batches: int,
             rng.bit_generator.state = saved
     if n == 0:
         raise ValueError("cannot estimate a loss: the data has no batches")
-    return total / n
+    return {name: total / n for name, total in totals.items()}
+
+
+def estimate_loss(model, data: Iterable[Batch], n_batches: int,
+                  loss_fn: LossFn = default_loss) -> float:
+    """Mean loss over the first `n_batches` of `data` (see `evaluate`)."""
+    return evaluate(model, data, n_batches, loss_fn)["loss"]
+
+
+def train_step(model, optimizer: AdamW | SGD, batches: Iterator[Batch], *, accum: int = 1,
+               grad_clip: float = 1.0, loss_fn: LossFn = default_loss,
+               grad_hook: GradHook | None = None,
+               count_tokens: Callable[[Batch], int] = batch_tokens) -> tuple[float, int]:
+    """One optimizer update from `accum` micro-batches of `batches`: (mean loss, tokens used).
+
+    Raises TrainingDiverged (before updating anything) on a NaN/inf loss or gradient norm.
+    """
+    params = [p for _, p in optimizer.named]
+    total, n_tokens = 0.0, 0
+    for _ in range(accum):
+        batch = next(batches)
+        loss = apply_to_batch(loss_fn, model, batch)
+        value = float(loss.data)
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss is {value}")
+        loss.backward()                              # grads add up in the leaves
+        total += value
+        n_tokens += count_tokens(batch)
+    if grad_hook is not None:
+        grad_hook(params)
+    norm = global_grad_norm(params) / accum          # the norm of the mean gradient
+    if not math.isfinite(norm):
+        raise TrainingDiverged(f"gradient norm is {norm}")
+    optimizer.step(grad_scale=clip_coef(norm, grad_clip) / accum)
+    optimizer.zero_grad()
+    return total / accum, n_tokens
 
 
 class _Cursor:
@@ -164,9 +231,9 @@ class _Cursor:
             for _ in range(self.batch):                 # skip what was used before the resume
                 next(it)
             n_before = self.batch
-            for x, y in it:
+            for batch in it:
                 self.batch += 1
-                yield x, y
+                yield batch
             if self.batch == 0 and n_before == 0:
                 raise ValueError("the training data yielded no batches (is the dataset smaller "
                                  "than one batch?)")
@@ -189,56 +256,80 @@ def _total_steps(train_data, cfg: TrainConfig) -> int:
     return cfg.epochs * n // cfg.accum
 
 
+def _model_config(model) -> dict:
+    """The model's config as a dict (checked on resume, stored in checkpoints); {} if none."""
+    config = getattr(model, "config", None)
+    return asdict(config) if is_dataclass(config) else {}
+
+
 def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
-          cfg: TrainConfig, *, loss_fn: LossFn = default_loss, tokenizer=None,
+          cfg: TrainConfig, *, loss_fn: LossFn = default_loss,
+          metrics: dict[str, MetricFn] | None = None, tokenizer=None,
           log: Callable[[str], None] | None = None, progress: bool = True,
-          resume: bool = False, extra: dict | None = None) -> TrainResult:
+          resume: bool = False, extra: dict | None = None, grad_hook: GradHook | None = None,
+          count_tokens: Callable[[Batch], int] = batch_tokens, is_main: bool = True,
+          train_eval_data: Iterable[Batch] | None = None,
+          on_eval: Callable[[dict, TrainResult], None] | None = None) -> TrainResult:
     """Train `model` on `train_data` per `cfg`; see the module docstring.
 
     Args:
-        train_data, val_data: re-iterables of int64 (x, y) batches, e.g. `tinygpt.data.DataLoader`;
-            one pass is one epoch. A `.rng` Generator on train_data is saved in checkpoints.
-        loss_fn: `loss_fn(model, x, y) -> scalar Tensor`, for classifiers and fine-tuning.
+        train_data, val_data: re-iterables of batches, e.g. `tinygpt.data.DataLoader`'s int64
+            (x, y); one pass is one epoch. A `.rng` Generator on train_data is saved in checkpoints.
+        loss_fn: `loss_fn(model, *batch) -> scalar Tensor`, for classifiers and fine-tuning.
+        metrics: {name: fn(model, *batch) -> float}, evaluated with the losses on train and val:
+            log.csv columns `train_<name>`, `val_<name>`, the log line and the progress bar.
         tokenizer: with `.encode`/`.decode`, turns on the samples from `cfg.start_context`.
         log: called with each message (evaluations, samples, checkpoints); None: silent.
         resume: continue from the checkpoint in `cfg.out_dir`, bit-identically.
         extra: JSON-ready values stored in checkpoints (the CLI keeps its data path there).
+        grad_hook: called with the trainable parameters once their gradients are summed over the
+            micro-batches, before clipping (all-reduce them there to train on several processes).
+        count_tokens: tokens in one batch (default: the size of x), for tokens_seen and tok/s.
+        is_main: False on all processes but one: no messages, samples, progress bar or files.
+        train_eval_data: batches for the train-loss estimate instead of `train_data` (e.g. a fixed
+            list, so every evaluation sees the same ones).
+        on_eval: called after each evaluation with its row (a dict, as in log.csv) and the result.
     Raises TrainingDiverged on a NaN/inf loss or gradient, before that step's update.
     """
     runtime.keep_freed_memory()          # reuse activation memory between steps: see runtime.py
-    out = _prepare_out_dir(cfg.out_dir, resume)
+    out = _prepare_out_dir(cfg.out_dir, resume, is_main)
     optimizer = make_optimizer(model, cfg)
     max_steps = _total_steps(train_data, cfg)
-    cursor, result = _Cursor(), TrainResult()
-    if resume:
-        _resume(model, optimizer, cursor, result, cfg, out)
-    run = _Run(model, optimizer, cursor, result, cfg, out, max_steps, log, progress, extra or {})
-    params = model.parameters()
+    model_config = _model_config(model)
+    result = TrainResult()
+    cursor = _resume(model, optimizer, result, cfg, out, model_config) if resume else _Cursor()
+    run = _Run(model, optimizer, cursor, result, cfg, out, max_steps, log, progress and is_main,
+               extra or {}, model_config, is_main)
+    eval_sets = {"train": train_data if train_eval_data is None else train_eval_data,
+                 "val": val_data}
+    evaluate_now = lambda: run.evaluate(eval_sets, loss_fn, metrics or {}, tokenizer, on_eval)
     batches = cursor.batches(train_data)
     start = time.perf_counter()
     model.train()
     try:
         if not result.evals:
-            run.evaluate(train_data, val_data, loss_fn, tokenizer)
-        while result.step < max_steps:
+            evaluate_now()
+        done = result.step >= max_steps
+        while not done:
             step_start = time.perf_counter()
             optimizer.lr = cfg.lr_at(result.step, max_steps)
-            loss, n_tokens = run.accumulate(batches, loss_fn)
-            norm = global_grad_norm(params) / cfg.accum
-            if not math.isfinite(norm):
-                run.diverged(f"gradient norm is {norm}")
-            clip = cfg.grad_clip / norm if cfg.grad_clip and norm > cfg.grad_clip else 1.0
-            optimizer.step(grad_scale=clip / cfg.accum)
-            optimizer.zero_grad()
+            try:
+                loss, n_tokens = train_step(model, optimizer, batches, accum=cfg.accum,
+                                            grad_clip=cfg.grad_clip, loss_fn=loss_fn,
+                                            grad_hook=grad_hook, count_tokens=count_tokens)
+            except TrainingDiverged as e:
+                run.diverged(str(e))
             result.step += 1
             result.tokens_seen += n_tokens
             result.steps.append(result.step)
             result.losses.append(loss)
-            run.bar_update(loss, optimizer.lr, n_tokens / (time.perf_counter() - step_start))
-            last = result.step == max_steps
-            if result.step % cfg.eval_freq == 0 or last:
-                run.evaluate(train_data, val_data, loss_fn, tokenizer)
-            if out is not None and (last or cfg.ckpt_freq and result.step % cfg.ckpt_freq == 0):
+            now = time.perf_counter()
+            run.bar_update(loss, optimizer.lr, n_tokens / (now - step_start))
+            done = (result.step >= max_steps
+                    or bool(cfg.max_seconds) and now - start >= cfg.max_seconds)
+            if result.step % cfg.eval_freq == 0 or done:
+                evaluate_now()
+            if out is not None and (done or cfg.ckpt_freq and result.step % cfg.ckpt_freq == 0):
                 run.checkpoint()
     finally:
         run.close()
@@ -246,13 +337,16 @@ def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
     return result
 
 
-def _prepare_out_dir(out_dir: str | None, resume: bool) -> Path | None:
-    """Create `out_dir` and check it is writable, before any time is spent training."""
+def _prepare_out_dir(out_dir: str | None, resume: bool, is_main: bool = True) -> Path | None:
+    """Create `out_dir` and check it is writable, before any time is spent training (the main
+    process only: the others read a checkpoint from it when resuming, and write nothing)."""
     if out_dir is None:
         if resume:
             raise ValueError("resume needs out_dir: the checkpoint to continue lives there")
         return None
     out = Path(out_dir)
+    if not is_main:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / ".write-test", "wb"):
@@ -279,38 +373,51 @@ def _config_diff(saved: dict, current: dict, skip: tuple[str, ...] = ()) -> list
             if saved.get(k) != current.get(k)]
 
 
-def _resume(model, optimizer, cursor: _Cursor, result: TrainResult, cfg: TrainConfig,
-            out: Path) -> None:
-    """Load the checkpoint in `out` into the model, optimizer, cursor and result."""
+def _trainable_names(optimizer) -> list[str]:
+    return [name for name, _ in optimizer.named]
+
+
+def _resume(model, optimizer, result: TrainResult, cfg: TrainConfig, out: Path,
+            model_config: dict) -> _Cursor:
+    """Load the checkpoint in `out` into the model, optimizer and result; return its cursor."""
     record = read_record(out)
-    model_cfg = asdict(model.config) if hasattr(model, "config") else {}
-    diff = _config_diff(record.get("model_config", {}), model_cfg)
+    diff = _config_diff(record.get("model_config", {}), model_config)
     if diff:
         raise ValueError(f"checkpoint in {out} is for another model config ({'; '.join(diff)})")
     diff = _config_diff(record.get("train_config", {}), asdict(cfg), RESUME_MAY_DIFFER)
     if diff:
         raise ValueError(f"checkpoint in {out} was trained with other settings "
                          f"({'; '.join(diff)}); resume with the same ones")
+    trained = record.get("trainable")
+    if trained is not None and trained != _trainable_names(optimizer):
+        changed = sorted(set(trained) ^ set(_trainable_names(optimizer)))
+        raise ValueError(f"checkpoint in {out} trained other parameters than are trainable now "
+                         f"({len(changed)} differ, e.g. {changed[0] if changed else 'order'}); "
+                         "freeze the same ones")
     arrays, record = load_checkpoint(out)
     model.load_state_dict({k[6:]: a for k, a in arrays.items() if k.startswith("model.")})
     optimizer.load_state(record["optimizer"],
                          {k[6:]: a for k, a in arrays.items() if k.startswith("optim.")})
-    cursor.__init__(**record["cursor"])
     if record.get("model_rng") is not None:
         model.rng.bit_generator.state = record["model_rng"]
     result.step, result.tokens_seen = record["step"], record["tokens_seen"]
     result.evals = record["history"]
+    return _Cursor(**record["cursor"])
 
 
 class _Run:
     """The loop's bookkeeping: progress bar, messages, evaluations, logs and checkpoints."""
 
     def __init__(self, model, optimizer, cursor: _Cursor, result: TrainResult, cfg: TrainConfig,
-                 out: Path | None, max_steps: int, log, progress: bool, extra: dict):
+                 out: Path | None, max_steps: int, log, progress: bool, extra: dict,
+                 model_config: dict, is_main: bool):
         from tqdm import tqdm
         self.model, self.optimizer, self.cursor, self.result = model, optimizer, cursor, result
-        self.cfg, self.out, self.max_steps, self.log, self.extra = cfg, out, max_steps, log, extra
+        self.cfg, self.out, self.max_steps, self.extra = cfg, out, max_steps, extra
+        self.log = log if is_main else None
+        self.model_config, self.is_main = model_config, is_main
         self.last_ckpt = result.step if result.evals else None
+        self.bar_metrics = ""                       # latest eval's metrics, shown after the loss
         self.bar = tqdm(total=max_steps, initial=result.step, desc="train", unit="step",
                         disable=not progress, dynamic_ncols=True, leave=False)
 
@@ -320,8 +427,8 @@ class _Run:
                 self.log(msg)
 
     def bar_update(self, loss: float, lr: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s",
-                                 refresh=False)
+        self.bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
+                                 f"{self.bar_metrics}", refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
@@ -330,50 +437,50 @@ class _Run:
     def diverged(self, what: str) -> None:
         kept = (f"the last good checkpoint (step {self.last_ckpt}) is in {self.out}"
                 if self.last_ckpt is not None else "no checkpoint was written")
-        raise TrainingDiverged(f"training diverged at step {self.result.step + 1}: {what}; "
-                               f"stopped before updating the weights; {kept}")
+        raise TrainingDiverged(f"training diverged at step {self.result.step + 1}: {what} "
+                               f"(epoch {self.cursor.epoch + 1}); stopped before updating the "
+                               f"weights; {kept}")
 
-    def accumulate(self, batches: Iterator[Batch], loss_fn: LossFn) -> tuple[float, int]:
-        """Forward and backward `accum` micro-batches; grads add up in the leaves."""
-        total, n_tokens = 0.0, 0
-        for _ in range(self.cfg.accum):
-            x, y = next(batches)
-            loss = loss_fn(self.model, x, y)
-            value = float(loss.data)
-            if not math.isfinite(value):
-                self.diverged(f"loss is {value} (epoch {self.cursor.epoch + 1})")
-            loss.backward()
-            total += value
-            n_tokens += int(np.size(x))
-        return total / self.cfg.accum, n_tokens
-
-    def evaluate(self, train_data, val_data, loss_fn: LossFn, tokenizer) -> None:
+    def evaluate(self, eval_sets: dict, loss_fn: LossFn, metrics: dict[str, MetricFn],
+                 tokenizer, on_eval) -> None:
         cfg, r = self.cfg, self.result
-        train_loss = estimate_loss(self.model, train_data, cfg.eval_iter, loss_fn)
-        val_loss = (estimate_loss(self.model, val_data, cfg.eval_iter, loss_fn)
-                    if val_data is not None else math.nan)
+        nan = dict.fromkeys(["loss", *metrics], math.nan)
+        scores = {split: evaluate(self.model, data, cfg.eval_iter, loss_fn, metrics)
+                  if data is not None else nan for split, data in eval_sets.items()}
+        train, val = scores["train"], scores["val"]
         row = {"step": r.step, "epoch": self.cursor.epoch + 1, "tokens_seen": r.tokens_seen,
-               "lr": self.optimizer.lr, "train_loss": train_loss, "val_loss": val_loss,
-               "train_ppl": _ppl(train_loss), "val_ppl": _ppl(val_loss)}
+               "lr": self.optimizer.lr, "train_loss": train["loss"], "val_loss": val["loss"],
+               "train_ppl": _ppl(train["loss"]), "val_ppl": _ppl(val["loss"])}
+        for name in metrics:
+            row[f"train_{name}"], row[f"val_{name}"] = train[name], val[name]
         r.evals.append(row)
+        shown = "".join(f" | {name} train {train[name]:.3f} val {val[name]:.3f}"
+                        for name in metrics)
+        self.bar_metrics = "".join(f" val_{name} {val[name]:.3f}" for name in metrics)
         self.say(f"step {r.step:>6} | epoch {row['epoch']:>3} | tokens {r.tokens_seen:>10,} | "
-                 f"train {train_loss:.3f} (ppl {row['train_ppl']:.1f}) | val {val_loss:.3f} "
-                 f"(ppl {row['val_ppl']:.1f}) | lr {self.optimizer.lr:.2e}")
-        if tokenizer is not None and cfg.sample_tokens and hasattr(self.model, "config"):
+                 f"train {train['loss']:.3f} (ppl {row['train_ppl']:.1f}) | val {val['loss']:.3f} "
+                 f"(ppl {row['val_ppl']:.1f}){shown} | lr {self.optimizer.lr:.2e}")
+        if (self.is_main and tokenizer is not None and cfg.sample_tokens
+                and self.model_config):
             self.say(f"sample: {sample_text(self.model, tokenizer, cfg)}")
-        if self.out is not None:
+        if self.out is not None and self.is_main:
             write_log(r.evals, self.out)
+        if on_eval is not None:
+            on_eval(row, r)
 
     def checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        # every parameter, frozen ones included; optimizer buffers exist for trained ones only
         arrays = {f"model.{n}": p.data for n, p in self.model.named_parameters()}
         arrays.update({f"optim.{k}": a for k, a in self.optimizer.state_arrays().items()})
         model_rng = getattr(self.model, "rng", None)
         record = {"step": self.result.step, "tokens_seen": self.result.tokens_seen,
                   "cursor": self.cursor.state(),
                   "model_rng": model_rng.bit_generator.state if model_rng is not None else None,
-                  "model_config": asdict(self.model.config) if hasattr(self.model, "config")
-                  else {},
-                  "train_config": asdict(self.cfg), "optimizer": self.optimizer.state_dict(),
+                  "model_config": self.model_config, "train_config": asdict(self.cfg),
+                  "optimizer": self.optimizer.state_dict(),
+                  "trainable": _trainable_names(self.optimizer),
                   "history": self.result.evals, "extra": self.extra}
         path = save_checkpoint(self.out, arrays, record)
         self.last_ckpt = self.result.step
@@ -397,11 +504,13 @@ LOG_COLUMNS = ("step", "epoch", "tokens_seen", "lr", "train_loss", "val_loss", "
 
 
 def write_log(evals: list[dict], out: Path) -> None:
-    """`log.csv` (always) and `loss.png` (when matplotlib is installed) from the eval rows."""
+    """`log.csv` (always) and `loss.png` (when matplotlib is installed) from the eval rows; the
+    metrics' columns follow the fixed ones."""
+    columns = [*LOG_COLUMNS, *(k for k in evals[0] if k not in LOG_COLUMNS)]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: row[k] for k in LOG_COLUMNS} for row in evals)
+    writer.writerows({k: row[k] for k in columns} for row in evals)
     try:
         with atomic_write(out / "log.csv", "w") as f:
             f.write(buf.getvalue())
@@ -436,57 +545,3 @@ def plot_losses(evals: list[dict], path: Path) -> bool:
     finally:
         plt.close(fig)
     return True
-
-
-# --- data for `tinygpt pretrain`: a text file, or a directory written by `tinygpt prepare` ------
-
-class SampledBatches:
-    """Batches of random windows from a `MemmapDataset`; an "epoch" is as many batches as it takes
-    to see about every token once. The windows come from `self.rng`, which checkpoints save."""
-
-    def __init__(self, dataset, batch_size: int, seed: int):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.n_batches = max(1, len(dataset) // (batch_size * dataset.max_length))
-
-    def __len__(self) -> int:
-        return self.n_batches
-
-    def __iter__(self) -> Iterator[Batch]:
-        for _ in range(self.n_batches):
-            yield self.dataset.sample_batch(self.batch_size, self.rng)
-
-
-def pretrain_data(path: str | Path, cfg: TrainConfig, tokenizer: str = "gpt2",
-                  val_fraction: float = 0.1):
-    """(train batches, val batches, tokenizer) for a UTF-8 text file or a `prepare`d directory.
-
-    A text file is split by characters (the book's 90/10) into windows of `cfg.context_length`
-    tokens with stride `cfg.context_length`, the training batches shuffled with `cfg.seed`.
-    """
-    from tinygpt.data import (DataLoader, GPTDataset, MemmapDataset, read_meta, read_text,
-                              train_val_split)
-    from tinygpt.tokenizer import CharTokenizer, get_tokenizer
-    path, T, B = Path(path), cfg.context_length, cfg.batch_size
-    if path.is_dir():
-        meta = read_meta(path)
-        tok = (CharTokenizer(meta["chars"]) if meta["tokenizer"] == "char"
-               else get_tokenizer(meta["tokenizer"]))
-        train_ds, val_ds = (MemmapDataset.from_prepared(path, s, T) for s in ("train", "val"))
-        return SampledBatches(train_ds, B, cfg.seed), SampledBatches(val_ds, B, cfg.seed + 1), tok
-    text = read_text(path)
-    tok = get_tokenizer(tokenizer, text=text)
-    parts = dict(zip(("training", "validation"), train_val_split(text, val_fraction)))
-    loaders = []
-    for name, part in parts.items():
-        try:
-            dataset = GPTDataset.from_text(part, tok, T, T)
-        except ValueError as e:
-            raise ValueError(f"{path}: the {name} split ({len(part):,} characters) is too short "
-                             f"for one window of context_length={T}: {e}") from None
-        shuffle = name == "training"
-        loaders.append(DataLoader(dataset, B, shuffle=shuffle, drop_last=shuffle, seed=cfg.seed))
-    if len(loaders[0]) == 0:
-        raise ValueError(f"{path}: the training split has {len(loaders[0].dataset)} windows of "
-                         f"{T} tokens, fewer than one batch of {B}")
-    return loaders[0], loaders[1], tok
