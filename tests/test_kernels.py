@@ -108,6 +108,20 @@ def test_layer_norm_twins(dtype, R, C, seed, shift):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@given(R=sides, C=sides, seed=seeds, scale=st.sampled_from([1e-3, 1.0, 30.0]))
+@example(R=1, C=1, seed=0, scale=1.0)
+def test_rms_norm_twins(dtype, R, C, seed, scale):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.standard_normal((R, C))).astype(dtype)
+    w = rng.standard_normal(C).astype(dtype)
+    dy = rng.standard_normal((R, C)).astype(dtype)
+    fwd = kernels.rms_norm_forward_ref(x, w, 1e-5)
+    _assert_twins(kernels.rms_norm_forward_numba(x, w, 1e-5), fwd, dtype)
+    _assert_twins(kernels.rms_norm_backward_numba(dy, x, w, fwd[1]),
+                  kernels.rms_norm_backward_ref(dy, x, w, fwd[1]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @given(N=st.integers(1, 300), seed=seeds)
 @example(N=1, seed=0)
 def test_gelu_twins(dtype, N, seed):

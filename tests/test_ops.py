@@ -249,9 +249,159 @@ def test_multihead_attention_rejects_a_width_that_is_not_three_heads():
         F.multihead_attention(Tensor(np.zeros((1, 2, 10))), 2)
 
 
+# --- ops for stage 3 and Llama --------------------------------------------------------------------
+
+@given(st.data())
+def test_log_sigmoid_and_silu_grad(data):
+    x = data.draw(arrays(data.draw(shapes()), lo=-30, hi=30))
+    gradcheck(F.log_sigmoid, x)
+    gradcheck(F.silu, x)
+    np.testing.assert_allclose(F.silu(Tensor(x)).data, x / (1 + np.exp(-x)), rtol=1e-12,
+                               atol=1e-300)
+
+
+def test_log_sigmoid_is_stable_far_out():
+    x = np.array([-1000.0, -100.0, -81.0, 0.0, 81.0, 100.0, 1000.0])
+    y = F.log_sigmoid(Tensor(x, requires_grad=True))
+    assert np.all(np.isfinite(y.data))
+    np.testing.assert_allclose(y.data[:3], x[:3], rtol=1e-12)          # log sigmoid(x) ~ x
+    assert y.data[3] == pytest.approx(-np.log(2.0))
+    np.testing.assert_allclose(y.data[4:], -np.exp(-x[4:]), rtol=1e-6, atol=0)   # ~ -exp(-x)
+    y.backward(np.ones_like(x))
+    np.testing.assert_allclose(y.grad if y.grad is not None else 0, 0)  # interior: not kept
+    x32 = Tensor(np.array([-200.0, 200.0], np.float32), requires_grad=True)
+    F.log_sigmoid(x32).sum().backward()
+    np.testing.assert_allclose(x32.grad, [1.0, 0.0], atol=1e-30)
+
+
+@given(st.data())
+def test_take_along_axis_grad_with_repeated_indices(data):
+    lead = data.draw(st.sampled_from([(), (2,), (2, 3)]))
+    N, K = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 6))
+    x = data.draw(arrays(lead + (N,)))
+    idx = np.array(data.draw(st.lists(st.integers(0, N - 1), min_size=int(np.prod(lead)) * K,
+                                      max_size=int(np.prod(lead)) * K))).reshape(lead + (K,))
+    gradcheck(lambda t: F.take_along_axis(t, idx), x)
+    np.testing.assert_array_equal(F.gather(Tensor(x), idx).data, np.take_along_axis(x, idx, -1))
+    with pytest.raises(IndexError, match="out of range"):
+        F.take_along_axis(Tensor(x), np.full(lead + (1,), N))
+
+
+@given(st.data())
+def test_cross_entropy_per_row_losses(data):
+    R, V = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 7))
+    logits = data.draw(arrays((2, R, V), lo=-20, hi=20))
+    targets = np.array(data.draw(st.lists(st.integers(-1, V - 1), min_size=2 * R,
+                                          max_size=2 * R))).reshape(2, R)
+    targets[targets < 0] = -100                          # some rows ignored, maybe all of them
+    gradcheck(lambda t: F.cross_entropy(t, targets, reduction="none"), logits)
+    got = F.cross_entropy(Tensor(logits), targets, reduction="none").data
+    assert got.shape == (2, R)
+    logp = F.log_softmax(Tensor(logits)).data
+    kept = targets != -100
+    expected = np.where(kept, -np.take_along_axis(logp, np.where(kept, targets, 0)[..., None],
+                                                  -1)[..., 0], 0.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@given(st.data())
+def test_rms_norm_grad_and_definition(data):
+    x = data.draw(arrays(data.draw(shapes(min_dims=2))))
+    w = data.draw(arrays(x.shape[-1:]))
+    assume(np.all((x * x).mean(axis=-1) > 1e-2))        # keep rstd's derivative well scaled
+    gradcheck(F.rms_norm, x, w)
+    ref = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(F.rms_norm(Tensor(x), Tensor(w)).data, ref, rtol=1e-10)
+
+
+def _rope_reference(x, positions, base):
+    """Per position and pair, the 2-D rotation that defines RoPE (half-split pairs, as HF Llama)."""
+    out = np.empty_like(x)
+    HS = x.shape[-1]
+    half = HS // 2
+    for t, pos in enumerate(positions):
+        for i in range(half):
+            a = pos * base ** (-2 * i / HS)
+            x1, x2 = x[..., t, i], x[..., t, i + half]
+            out[..., t, i] = x1 * np.cos(a) - x2 * np.sin(a)
+            out[..., t, i + half] = x2 * np.cos(a) + x1 * np.sin(a)
+    return out
+
+
+@given(st.data())
+def test_rope_grad_and_rotation(data):
+    from tinygpt.fused import rope_tables
+    T, HS = data.draw(st.integers(1, 5)), 2 * data.draw(st.integers(1, 3))
+    start = data.draw(st.integers(0, 4))
+    x = data.draw(arrays((2, T, HS)))
+    cos, sin = rope_tables(HS, start + T, base=100.0, dtype=np.float64)
+    cos, sin = cos[start:], sin[start:]
+    gradcheck(lambda t: F.rope(t, cos, sin), x)
+    np.testing.assert_allclose(F.rope(Tensor(x), cos, sin).data,
+                               _rope_reference(x, range(start, start + T), 100.0), rtol=1e-10,
+                               atol=1e-12)
+
+
+@given(st.data())
+def test_grouped_query_attention_grad_and_equals_repeated_heads(data):
+    """GQA = multi-head attention whose key/value heads are repeated for each query group."""
+    from tinygpt.fused import rope_tables
+    B, T = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5))
+    KV, group, HS = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), 2
+    NH = KV * group
+    q = data.draw(arrays((B, T, NH * HS)))
+    k, v = data.draw(arrays((B, T, KV * HS))), data.draw(arrays((B, T, KV * HS)))
+    tables = rope_tables(HS, T, base=100.0, dtype=np.float64)
+    use_rope = data.draw(st.booleans())
+    rope = tables if use_rope else None
+    gradcheck(lambda a, b, c: F.attention(a, b, c, NH, KV, rope=rope), q, k, v)
+    qkv = np.concatenate([q, k, v], axis=-1)
+    gradcheck(lambda t: F.multihead_attention(t, NH, n_kv_head=KV, rope=rope), qkv)
+
+    def heads(a, n):
+        return a.reshape(B, T, n, HS).transpose(0, 2, 1, 3)
+    qh, kh, vh = heads(q, NH), heads(k, KV), heads(v, KV)
+    if use_rope:
+        qh, kh = (_rope_reference(a, range(T), 100.0) for a in (qh, kh))
+    kh, vh = np.repeat(kh, group, axis=1), np.repeat(vh, group, axis=1)
+    ref = F.causal_attention(Tensor(qh), Tensor(kh), Tensor(vh)).data
+    ref = ref.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
+    got = F.attention(Tensor(q), Tensor(k), Tensor(v), NH, KV, rope=rope).data
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(F.multihead_attention(Tensor(qkv), NH, n_kv_head=KV,
+                                                     rope=rope).data, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_query_attention_with_a_cache_and_rope_matches_the_whole_sequence():
+    from tinygpt.fused import rope_tables
+    from tinygpt.nn import KVCache
+    rng = np.random.default_rng(0)
+    B, NH, KV, HS, T = 1, 4, 2, 4, 6
+    q, k, v = (rng.standard_normal((B, T, n * HS)) for n in (NH, KV, KV))
+    rope = rope_tables(HS, 8, dtype=np.float64)
+    whole = F.attention(Tensor(q), Tensor(k), Tensor(v), NH, KV, rope=rope).data
+    cache = KVCache(n_layer=1, batch=B, n_head=KV, block_size=8, head_size=HS, dtype=np.float64)
+    parts = []
+    for a, b in ((0, 4), (4, 5), (5, 6)):            # a prefill, then one token at a time
+        parts.append(F.attention(Tensor(q[:, a:b]), Tensor(k[:, a:b]), Tensor(v[:, a:b]), NH, KV,
+                                 cache=cache, rope=rope).data)
+        cache.length = b
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, rtol=1e-10, atol=1e-12)
+    assert cache.k[0].shape[1] == KV                 # the cache holds only the key/value heads
+
+
+def test_attention_rejects_heads_that_do_not_group():
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        F.attention(Tensor(np.zeros((1, 2, 12))), Tensor(np.zeros((1, 2, 8))),
+                    Tensor(np.zeros((1, 2, 8))), 3, 2)
+    with pytest.raises(ValueError, match="3 query \\+ 2 x 2 key/value heads"):
+        F.multihead_attention(Tensor(np.zeros((1, 2, 10))), 3, n_kv_head=2)
+
+
 # --- properties beyond gradients ----------------------------------------------------------------------
 
-OPS_1 = [F.neg, F.exp, F.tanh, F.gelu, F.relu, F.softmax, F.log_softmax, lambda t: t.sum(0),
+OPS_1 = [F.neg, F.exp, F.tanh, F.gelu, F.relu, F.silu, F.log_sigmoid, F.softmax, F.log_softmax,
+         lambda t: t.sum(0),
          lambda t: t.mean(), lambda t: t.max(-1), lambda t: t.T, lambda t: t[0],
          lambda t: F.pow(t, 2), lambda t: t * 2 + 1 - t / 3, lambda t: F.sqrt(t * t + 1)]
 
@@ -276,6 +426,13 @@ def test_fused_ops_keep_dtype(dtype):
     assert F.cross_entropy(x, np.zeros((2, 3), np.int64)).dtype == dtype
     assert F.causal_attention(x, x, x).dtype == dtype
     assert F.multihead_attention(F.concatenate([x, x, x], axis=-1), 2).dtype == dtype
+    assert F.rms_norm(x, w).dtype == dtype
+    assert F.cross_entropy(x, np.zeros((2, 3), np.int64), reduction="none").dtype == dtype
+    from tinygpt.fused import rope_tables
+    cos, sin = rope_tables(4, 3, dtype=dtype)
+    assert F.rope(x, cos, sin).dtype == dtype
+    assert F.attention(x, x, x, 2, 1, rope=rope_tables(2, 3, dtype=dtype)).dtype == dtype
+    assert F.take_along_axis(x, np.zeros((2, 3, 1), np.int64)).dtype == dtype
 
 
 def test_shape_mismatch_errors_name_both_shapes():

@@ -157,6 +157,25 @@ def gelu(x: Tensor) -> Tensor:
     return fused.GELU.apply(x)
 
 
+def silu(x: Tensor) -> Tensor:
+    return ops.SiLU.apply(x)
+
+
+def log_sigmoid(x: Tensor) -> Tensor:
+    """log(sigmoid(x)), finite for any finite x (DPO's loss)."""
+    return ops.LogSigmoid.apply(x)
+
+
+def take_along_axis(x: Tensor, idx: np.ndarray, axis: int = -1) -> Tensor:
+    """x's entries at integer `idx` along the last axis (e.g. the log-prob of each target)."""
+    if axis not in (-1, x.ndim - 1):
+        raise ValueError("take_along_axis: only the last axis is supported")
+    return ops.TakeAlongAxis.apply(x, np.asarray(idx.data if isinstance(idx, Tensor) else idx))
+
+
+gather = take_along_axis
+
+
 def _last_axis(fn, x: Tensor, axis: int) -> Tensor:
     """Apply a last-axis op along any axis by swapping it to the end and back."""
     if axis in (-1, x.ndim - 1):
@@ -174,6 +193,15 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     return fused.LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    return fused.RMSNorm.apply(x, weight, eps=eps)
+
+
+def rope(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
+    """Rotate x: (..., T, HS) by RoPE at the positions of cos, sin: (T, HS) (`fused.rope_tables`)."""
+    return fused.RoPE.apply(x, np.asarray(cos, x.dtype), np.asarray(sin, x.dtype))
 
 
 def embedding(weight: Tensor, idx: np.ndarray) -> Tensor:
@@ -223,11 +251,23 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return fused.CausalAttention.apply(q, k, v)
 
 
-def multihead_attention(qkv: Tensor, n_head: int, cache=None, layer: int = 0) -> Tensor:
+def multihead_attention(qkv: Tensor, n_head: int, cache=None, layer: int = 0,
+                        n_kv_head: int | None = None, rope=None) -> Tensor:
     """Causal self-attention of `n_head` heads from a fused (B, T, 3C) projection -> (B, T, C).
 
-    `cache` is a `tinygpt.nn.KVCache` (or anything with its `append(layer, k, v)`)."""
-    return fused.MultiHeadAttention.apply(qkv, n_head, cache, layer)
+    `cache` is a `tinygpt.nn.KVCache` (or anything with its `append(layer, k, v)` and `length`);
+    `n_kv_head` < n_head shares key/value heads (grouped-query attention); `rope` = (cos, sin)
+    tables rotate q and k (see `fused.rope_tables`)."""
+    return fused.MultiHeadAttention.apply(qkv, n_head, cache, layer, n_kv_head=n_kv_head,
+                                          rope=rope)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, n_head: int, n_kv_head: int | None = None,
+              cache=None, layer: int = 0, rope=None) -> Tensor:
+    """Causal self-attention on separate projections q: (B, T, NH HS), k, v: (B, T, KV HS),
+    as Llama's q_proj, k_proj, v_proj make them -> (B, T, NH HS). Arguments as above."""
+    return fused.SelfAttention.apply(q, k, v, n_head=n_head, n_kv_head=n_kv_head or n_head,
+                                     cache=cache, layer=layer, rope=rope)
 
 
 # --- Tensor operators ------------------------------------------------------------------------------
@@ -254,6 +294,7 @@ def _attach() -> None:
     T.transpose = lambda self, *axes: transpose(self, axes[0] if len(axes) == 1 else (axes or None))
     T.T = property(transpose)
     T.exp, T.log, T.sqrt, T.tanh, T.relu, T.gelu = exp, log, sqrt, tanh, relu, gelu
+    T.silu = silu
     T.softmax, T.log_softmax = softmax, log_softmax
     # comparisons give plain boolean arrays (masks for where/masked_fill): no gradient flows
     T.__gt__ = lambda self, other: self.data > ops.lift(other, self).data

@@ -1,6 +1,6 @@
 """Hot loops of tinygpt: each kernel as a NumPy reference twin `X_ref` and a fast `X_numba`.
 
-This module owns the fused, performance-critical pieces of math (softmax, LayerNorm, tanh-GELU,
+This module owns the fused, performance-critical pieces of math (softmax, LayerNorm, RMSNorm, tanh-GELU,
 cross-entropy from logits, causal attention, the AdamW update), each on plain contiguous arrays. It knows nothing
 about `Tensor` or autograd: `fused.py` reshapes its inputs and calls the public names below.
 
@@ -73,6 +73,29 @@ def layer_norm_backward_ref(dy: np.ndarray, x: np.ndarray, w: np.ndarray, mean: 
     dx = rstd[:, None] * (g - g.mean(axis=-1, keepdims=True)
                           - xhat * (g * xhat).mean(axis=-1, keepdims=True))
     return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
+
+
+def rms_norm_forward_ref(x: np.ndarray, w: np.ndarray, eps: float
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row (Llama's RMSNorm: no mean, no bias).
+
+    x: (R, C), w: (C,) -> y: (R, C), rstd: (R,)
+    """
+    rstd = (1.0 / np.sqrt((x * x).mean(axis=-1) + eps)).astype(x.dtype, copy=False)   # (R,)
+    return x * rstd[:, None] * w, rstd
+
+
+def rms_norm_backward_ref(dy: np.ndarray, x: np.ndarray, w: np.ndarray, rstd: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients of RMSNorm.   dy, x: (R, C), w: (C,), rstd: (R,) -> dx: (R, C), dw: (C,)
+
+    With xhat = x * rstd and g = dy * w, d rstd / dx = -rstd^3 x / C gives
+    dx = rstd * (g - xhat * mean(g * xhat)) per row (LayerNorm's formula without the mean term).
+    """
+    xhat = x * rstd[:, None]                                 # (R, C)
+    g = dy * w                                               # (R, C)
+    dx = rstd[:, None] * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    return dx, (dy * xhat).sum(axis=0)
 
 
 def gelu_forward_ref(x: np.ndarray) -> np.ndarray:
@@ -390,6 +413,47 @@ def layer_norm_backward_numba(dy: np.ndarray, x: np.ndarray, w: np.ndarray, mean
     return dx, dw_part.sum(axis=0), db_part.sum(axis=0)
 
 
+@_jit
+def rms_norm_forward_numba(x: np.ndarray, w: np.ndarray, eps: float
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """y = x * rstd * w per row, rstd = 1 / sqrt(mean(x^2) + eps).   x: (R, C) -> y, rstd: (R,)"""
+    R, C = x.shape
+    y = np.empty_like(x)
+    rstd = np.empty(R, x.dtype)
+    for row in prange(R):
+        ss = 0.0
+        for c in range(C):
+            ss += x[row, c] * x[row, c]
+        rs = 1.0 / math.sqrt(ss / C + eps)
+        for c in range(C):
+            y[row, c] = x[row, c] * rs * w[c]
+        rstd[row] = rs
+    return y, rstd
+
+
+@_jit
+def rms_norm_backward_numba(dy: np.ndarray, x: np.ndarray, w: np.ndarray, rstd: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients of RMSNorm (math in rms_norm_backward_ref); dw in LN_BLOCK-row partials as in
+    layer_norm_backward_numba.   dy, x: (R, C), w: (C,), rstd: (R,) -> dx: (R, C), dw: (C,)"""
+    R, C = x.shape
+    n_blocks = (R + LN_BLOCK - 1) // LN_BLOCK
+    dx = np.empty_like(x)
+    dw_part = np.zeros((n_blocks, C), x.dtype)
+    for blk in prange(n_blocks):
+        for row in range(blk * LN_BLOCK, min(R, (blk + 1) * LN_BLOCK)):
+            rs = rstd[row]
+            gx_mean = 0.0                                   # mean(g * xhat), g = dy * w
+            for c in range(C):
+                xhat = x[row, c] * rs
+                gx_mean += dy[row, c] * w[c] * xhat
+                dw_part[blk, c] += dy[row, c] * xhat
+            gx_mean /= C
+            for c in range(C):
+                dx[row, c] = rs * (dy[row, c] * w[c] - x[row, c] * rs * gx_mean)
+    return dx, dw_part.sum(axis=0)
+
+
 # tanh-GELU with one exp: 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)) = sigmoid(2u), so
 #   y = x * sigmoid(2u),   dy/dx = s + x s (1 - s) 2 du/dx  with s = sigmoid(2u),
 # using tanh' = 1 - tanh^2 = 4 s (1 - s). sigmoid form has no cancellation for large |x|.
@@ -590,6 +654,8 @@ softmax_forward = _pick(softmax_forward_numba, softmax_forward_ref)
 softmax_backward = _pick(softmax_backward_numba, softmax_backward_ref)
 layer_norm_forward = _pick(layer_norm_forward_numba, layer_norm_forward_ref)
 layer_norm_backward = _pick(layer_norm_backward_numba, layer_norm_backward_ref)
+rms_norm_forward = _pick(rms_norm_forward_numba, rms_norm_forward_ref)
+rms_norm_backward = _pick(rms_norm_backward_numba, rms_norm_backward_ref)
 gelu_forward = _pick(gelu_forward_numba, gelu_forward_ref)
 gelu_backward = _pick(gelu_backward_numba, gelu_backward_ref)
 cross_entropy_forward = _pick(cross_entropy_forward_numba, cross_entropy_forward_ref)

@@ -211,6 +211,44 @@ class ReLU(Function):
         (mask,) = ctx.saved
         return (dy * mask,)
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) from e = exp(-|x|) <= 1: no overflow, and no 1 - tiny cancellation."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1, e) / (1 + e)
+
+
+class LogSigmoid(Function):
+    """y = log(sigmoid(x)) = -log(1 + exp(-x)), computed as min(x, 0) - log1p(exp(-|x|)) so that
+    neither branch overflows (|x| > 80 included).   dy/dx = 1 - sigmoid(x) = sigmoid(-x)."""
+
+    @staticmethod
+    def forward(ctx: Context, x: np.ndarray) -> np.ndarray:
+        e = np.exp(-np.abs(x))                           # in (0, 1]: never overflows
+        ctx.save(x, e)
+        return np.minimum(x, 0) - np.log1p(e)
+
+    @staticmethod
+    def backward(ctx: Context, dy: np.ndarray) -> tuple:
+        x, e = ctx.saved
+        sig_neg = np.where(x >= 0, e, 1) / (1 + e)        # sigmoid(-x), stable on both sides
+        return (dy * sig_neg,)
+
+
+class SiLU(Function):
+    """y = x * sigmoid(x) (Llama's MLP gate).   dy/dx = s (1 + x (1 - s)), s = sigmoid(x)."""
+
+    @staticmethod
+    def forward(ctx: Context, x: np.ndarray) -> np.ndarray:
+        s = sigmoid(x)
+        ctx.save(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx: Context, dy: np.ndarray) -> tuple:
+        x, s = ctx.saved
+        return (dy * s * (1.0 + x * (1.0 - s)),)
+
+
 # --- matmul --------------------------------------------------------------------------------------
 
 class MatMul(Function):
@@ -383,6 +421,32 @@ class GetItem(Function):
             dx[ctx.index] = dy
         else:
             np.add.at(dx, ctx.index, dy)
+        return dx, None
+
+
+class TakeAlongAxis(Function):
+    """y[..., j] = x[..., idx[..., j]] on the last axis, as np.take_along_axis.
+    x: (..., N), idx: int (..., K) -> y: (..., K). dx scatters dy back, adding where ids repeat."""
+
+    @staticmethod
+    def forward(ctx: Context, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        if idx.dtype.kind not in "iu" or idx.ndim != x.ndim or idx.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"take_along_axis: indices of shape {idx.shape} and dtype "
+                             f"{idx.dtype} do not fit input {x.shape} (integers, same leading "
+                             "axes)")
+        if idx.size and (idx.min() < -x.shape[-1] or idx.max() >= x.shape[-1]):
+            raise IndexError(f"take_along_axis: index out of range for last axis of {x.shape}")
+        ctx.save(idx)
+        ctx.shape = x.shape
+        return np.take_along_axis(x, idx, axis=-1)
+
+    @staticmethod
+    def backward(ctx: Context, dy: np.ndarray) -> tuple:
+        (idx,) = ctx.saved
+        dx = np.zeros(ctx.shape, dtype=dy.dtype)
+        lead = np.indices(idx.shape, sparse=True)[:-1]
+        np.add.at(dx, (*lead, idx), dy)
         return dx, None
 
 
