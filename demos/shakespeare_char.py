@@ -19,8 +19,8 @@ How long: `--minutes` of training (default 3) plus ~10 s of startup and sampling
 after an install also pays numba's one-time compile. `--max-steps N` stops after N steps (or at the
 time budget, whichever comes first).
 
-The loop is written out here (AdamW from `tinygpt.optim`, warmup, clipping) rather than calling
-`tinygpt.train.train`, because it stops on a wall-clock budget and `TrainConfig` counts steps.
+Training is `tinygpt.train.train` with a wall-clock budget (`max_seconds`); this script only
+prints its evaluations in its own format (`on_eval`) and samples at the end.
 """
 from __future__ import annotations
 
@@ -36,9 +36,8 @@ import numpy as np
 from tinygpt import GPT, GPTConfig
 from tinygpt.data import DataLoader, GPTDataset, read_text, train_val_split
 from tinygpt.generate import generate
-from tinygpt.optim import AdamW, global_grad_norm
 from tinygpt.tokenizer import CharTokenizer
-from tinygpt.train import estimate_loss
+from tinygpt.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -47,17 +46,30 @@ BATCH_SIZE = 16          # windows per step: 1,024 characters
 WARMUP = 50              # steps of linear learning-rate warmup
 GRAD_CLIP = 1.0          # max global gradient norm
 EVAL_BATCHES = 10        # fixed batches per loss estimate, train and val each
+EPOCHS = 100             # more than any time budget reaches: the clock or --max-steps ends the run
 
 
-def forever(loader: DataLoader):
-    """Batches epoch after epoch (each epoch reshuffled by the loader)."""
-    while True:
-        yield from loader
+class Report:
+    """Prints each evaluation of `train` as one line: losses, recent mean, time per step."""
 
+    def __init__(self, n_vocab: int, eval_every: int):
+        self.n_vocab, self.eval_every = n_vocab, eval_every
+        self.start, self.reported = 0.0, 0          # clock at step 0; steps already summarised
 
-def mean_loss(model: GPT, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    """Mean cross-entropy over fixed batches, dropout off, no graph."""
-    return estimate_loss(model, batches, len(batches))
+    def __call__(self, row: dict, result) -> None:
+        step = row["step"]
+        if step == 0:
+            print(f"step     0: train {row['train_loss']:.3f}  val {row['val_loss']:.3f}  "
+                  f"(uniform guessing: ln {self.n_vocab} = {math.log(self.n_vocab):.3f})",
+                  flush=True)
+            self.start = time.perf_counter()
+        elif step % self.eval_every == 0:            # not the extra one at the end of the budget
+            elapsed = time.perf_counter() - self.start
+            recent = result.losses[self.reported:]
+            print(f"step {step:5d}: train {row['train_loss']:.3f}  val {row['val_loss']:.3f}  "
+                  f"(last {len(recent)} steps {np.mean(recent):.3f})  {elapsed:5.0f} s, "
+                  f"{1000 * elapsed / step:.0f} ms/step", flush=True)
+            self.reported = len(result.losses)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,52 +98,35 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = GPTConfig.preset("char-tiny", vocab_size=tokenizer.n_vocab, block_size=BLOCK_SIZE)
     model = GPT(cfg, seed=args.seed)
-    opt = AdamW(model.named_parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
+    train_cfg = TrainConfig(context_length=BLOCK_SIZE, batch_size=BATCH_SIZE, epochs=EPOCHS,
+                            max_steps=args.max_steps, max_seconds=60 * args.minutes, lr=args.lr,
+                            warmup=WARMUP, weight_decay=0.1, beta2=0.99, grad_clip=GRAD_CLIP,
+                            eval_freq=args.eval_every, eval_iter=EVAL_BATCHES, seed=args.seed,
+                            sample_tokens=0)
     print(f"{args.data.name}: {len(text):,} characters, vocabulary {tokenizer.n_vocab}; "
           f"{len(train_ids):,} train / {len(val_ids):,} val")
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, block "
           f"{cfg.block_size}: {model.num_parameters():,} parameters; batch {BATCH_SIZE} x "
           f"{BLOCK_SIZE}; budget {args.minutes:g} min" +
           (f" or {args.max_steps} steps" if args.max_steps else ""))
-    initial_val = mean_loss(model, eval_sets["val"])
-    print(f"step     0: train {mean_loss(model, eval_sets['train']):.3f}  val {initial_val:.3f}  "
-          f"(uniform guessing: ln {tokenizer.n_vocab} = {math.log(tokenizer.n_vocab):.3f})",
-          flush=True)
 
-    start, step, recent = time.perf_counter(), 0, []
-    deadline = start + 60 * args.minutes
-    batches = forever(train_data)
-    while time.perf_counter() < deadline and (not args.max_steps or step < args.max_steps):
-        x, y = next(batches)
-        opt.lr = args.lr * min(1.0, (step + 1) / WARMUP)
-        _, loss = model(x, y)
-        loss.backward()
-        norm = global_grad_norm(model.parameters())
-        opt.step(grad_scale=min(1.0, GRAD_CLIP / (norm + 1e-6)))    # clipping folded into the step
-        opt.zero_grad()
-        recent.append(loss.item())
-        step += 1
-        if step % args.eval_every == 0:
-            elapsed = time.perf_counter() - start
-            print(f"step {step:5d}: train {mean_loss(model, eval_sets['train']):.3f}  val "
-                  f"{mean_loss(model, eval_sets['val']):.3f}  (last {len(recent)} steps "
-                  f"{np.mean(recent):.3f})  {elapsed:5.0f} s, {1000 * elapsed / step:.0f} ms/step",
-                  flush=True)
-            recent = []
-    elapsed = time.perf_counter() - start
-    train_loss, val_loss = mean_loss(model, eval_sets["train"]), mean_loss(model, eval_sets["val"])
-    print(f"done: {step} steps ({step * BATCH_SIZE * BLOCK_SIZE:,} characters) in {elapsed:.0f} s;"
-          f" train {train_loss:.3f}, val {val_loss:.3f}")
+    report = Report(tokenizer.n_vocab, args.eval_every)
+    result = train(model, train_data, eval_sets["val"], train_cfg, progress=False,
+                   train_eval_data=eval_sets["train"], on_eval=report)
+    elapsed = time.perf_counter() - report.start
+    first, last = result.evals[0], result.evals[-1]
+    print(f"done: {result.step} steps ({result.tokens_seen:,} characters) in {elapsed:.0f} s;"
+          f" train {last['train_loss']:.3f}, val {last['val_loss']:.3f}")
 
     prompt = np.array(tokenizer.encode("ROMEO:\n"))
     out = generate(model, prompt, args.sample_chars, temperature=0.8, seed=args.seed)
     print(f"\nsample ({args.sample_chars} characters, temperature 0.8):\n")
     print(tokenizer.decode(out[0]))
-    if not val_loss < initial_val:
-        print(f"FAILED: val loss did not go down ({initial_val:.3f} -> {val_loss:.3f})")
+    if not last["val_loss"] < first["val_loss"]:
+        print(f"FAILED: val loss did not go down ({first['val_loss']:.3f} -> "
+              f"{last['val_loss']:.3f})")
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -64,22 +64,19 @@ def _batch(vocab: int, B: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_tinygpt(preset: str, B: int, steps: int) -> dict:
+    from itertools import repeat
+
     from tinygpt import GPT, GPTConfig, runtime
-    from tinygpt.optim import global_grad_norm
-    from tinygpt.train import TrainConfig, default_loss, make_optimizer
+    from tinygpt.train import TrainConfig, make_optimizer, train_step
     runtime.keep_freed_memory()                  # as train() does
     cfg = GPTConfig.preset(preset, block_size=T, dropout=0.0)
     model = GPT(cfg, seed=0)
-    opt = make_optimizer(model, TrainConfig(context_length=T, batch_size=B))
-    params = model.parameters()
-    x, y = _batch(cfg.vocab_size, B)
+    train_cfg = TrainConfig(context_length=T, batch_size=B)
+    opt = make_optimizer(model, train_cfg)
+    batches = repeat(_batch(cfg.vocab_size, B))
 
-    def step():                                  # what train() does per step, accum=1
-        loss = default_loss(model, x, y)
-        loss.backward()
-        norm = global_grad_norm(params)
-        opt.step(grad_scale=min(1.0, 1.0 / norm) if norm > 1.0 else 1.0)
-        opt.zero_grad()
+    def step():                                  # train()'s own step, without its evaluations
+        train_step(model, opt, batches, accum=train_cfg.accum, grad_clip=train_cfg.grad_clip)
     return _measure(step, steps, B, cfg)
 
 
