@@ -6,17 +6,19 @@ name and calls `dequantize`. Kernels that compute directly with quantized weight
 
 A format cuts a tensor, in memory order (GGUF's ne0 is the fastest axis), into blocks of
 `block_size` consecutive weights and stores each block in `block_bytes` bytes. Every float16 is
-little-endian; "codes" are small unsigned integers.
+little-endian; codes are unsigned, lo4 and hi4 being a byte's low and high 4 bits.
 
-    F32   1 weight  in   4 bytes   the float32 itself
-    F16   1 weight  in   2 bytes   the float16 itself
-    Q4_0  32 weights in  18 bytes  f16 d, 16 bytes of codes    w[j] = d * (lo4(byte j) - 8)
-                                                               w[j + 16] = d * (hi4(byte j) - 8)
-    Q4_1  32 weights in  20 bytes  f16 d, f16 m, 16 bytes      w[j] = d * lo4(byte j) + m
-                                                               w[j + 16] = d * hi4(byte j) + m
-    Q8_0  32 weights in  34 bytes  f16 d, 32 int8 q            w[j] = d * q[j]
-    Q6_K  256 weights in 210 bytes 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits),
-                                   16 int8 scales, f16 d       w[i] = d * scale[i // 16] * (q[i] - 32)
+    format  weights  bytes  block layout                 weight j of the block
+    F32     1        4      the float32 itself
+    F16     1        2      the float16 itself
+    Q8_0    32       34     f16 d, 32 int8 q             d * q[j]
+    Q4_0    32       18     f16 d, 16 bytes of codes     d * (lo4(byte j) - 8), j < 16
+                                                         d * (hi4(byte j - 16) - 8), j >= 16
+    Q4_1    32       20     f16 d, f16 m, 16 bytes       d * lo4(byte j) + m, j < 16
+                                                         d * hi4(byte j - 16) + m, j >= 16
+    Q6_K    256      210    128 bytes ql (low 4 bits),   d * scale[j // 16] * (q[j] - 32),
+                            64 bytes qh (high 2 bits),   q[j] 6 bits (dequantize_q6_k_ref
+                            16 int8 scales, f16 d        says which bits)
 
 Arithmetic is float32 in the order ggml's reference C code uses (`d * q + m`, `(d * scale) * q`),
 and no fused multiply-adds, so the numba kernels and their NumPy twins agree bit for bit.
