@@ -18,22 +18,16 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tinygpt.autograd import no_grad
-from tinygpt.model import GPT
+from tinygpt.model import GPT, check_token_ids
 from tinygpt.nn import KVCache
 
 
 def _check_args(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: float,
                 top_k: int | None, top_p: float | None) -> np.ndarray:
-    idx = np.asarray(idx)
-    if idx.dtype.kind not in "iu":
-        raise TypeError(f"generate: prompt ids must be integers, got dtype {idx.dtype}")
-    idx = idx[None, :] if idx.ndim == 1 else idx
-    if idx.ndim != 2 or idx.shape[1] == 0:
-        raise ValueError(f"generate: the prompt is empty or not (B, T): shape {idx.shape}")
-    vocab = model.config.vocab_size
-    if idx.min() < 0 or idx.max() >= vocab:
-        bad = idx.max() if idx.max() >= vocab else idx.min()
-        raise ValueError(f"generate: prompt token id {bad} is outside the vocabulary [0, {vocab})")
+    try:
+        idx = check_token_ids(idx, model.config.vocab_size, "prompt ids")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"generate: {e}") from None
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:

@@ -12,6 +12,7 @@ The head is `wte` transposed when weights are tied (GPT-2), or its own `lm_head`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,14 @@ class GPTConfig:
     def mlp_width(self) -> int:
         return self.n_inner or 4 * self.n_embd
 
+    @property
+    def n_kv_head(self) -> int:          # GPT-2 has a key/value head per query head
+        return self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
     @classmethod
     def preset(cls, name: str, **overrides) -> GPTConfig:
         """GPT-2 sizes (the book's settings: untied, no qkv bias) and small demo models."""
@@ -82,7 +91,69 @@ class Block(Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(Module):
+class CausalLM(Module):
+    """What every decoder-only language model here shares: ids -> hidden states -> logits.
+
+    A subclass (GPT, `llama.Llama`) builds its layers under its checkpoint's own names and says
+    how to embed tokens (`embed`), which blocks to run (`blocks`), the final norm (`norm_f`) and
+    the head (`head_weight`); the forward pass, the loss, the KV cache and the checks live here
+    once. `config` has `vocab_size`, `block_size`, `n_layer`, `n_kv_head` and `head_size`.
+    """
+
+    config: Any
+
+    def embed(self, idx: np.ndarray, start: int) -> Tensor:
+        """Token (and, for GPT-2, position) embeddings of idx (B, T) at positions start..: (B, T, C)."""
+        raise NotImplementedError
+
+    def blocks(self) -> list[Module]:
+        raise NotImplementedError
+
+    def norm_f(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def head_weight(self) -> Tensor:
+        """The (C, V) matrix that maps the final hidden state to logits."""
+        raise NotImplementedError
+
+    def hidden(self, idx: np.ndarray, cache: KVCache | None = None) -> Tensor:
+        """The residual stream after the final norm: (B, T, C)."""
+        idx = check_token_ids(idx, self.config.vocab_size)
+        T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's "
+                             f"block_size {self.config.block_size}; crop the context")
+        x = self.embed(idx, start)                                       # (B, T, C)
+        for i, block in enumerate(self.blocks()):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm_f(x)
+
+    def forward(self, idx: np.ndarray, targets: np.ndarray | None = None,
+                cache: KVCache | None = None):
+        x = self.hidden(idx, cache)
+        if cache is not None:
+            x = x[:, -1:, :]                  # generation needs the next token only
+        logits = F.linear(x, self.head_weight())                         # (B, T, V)
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits, targets)
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        cfg = self.config
+        dtype = next(iter(self.parameters())).dtype
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head, cfg.block_size, cfg.head_size, dtype)
+
+    def astype(self, dtype) -> CausalLM:
+        """Convert every parameter in place (float64 for gradient checks)."""
+        for p in self.parameters():
+            p.data = p.data.astype(dtype)
+        return self
+
+
+class GPT(CausalLM):
     """GPT-2: token + position embeddings, `n_layer` blocks, final LayerNorm, vocabulary head.
 
     `model(idx)` -> logits (B, T, V); `model(idx, targets)` -> (logits, mean cross-entropy).
@@ -106,62 +177,31 @@ class GPT(Module):
             if isinstance(module, Dropout):
                 module.rng = self.rng
 
-    def head_weight(self) -> Tensor:
-        """The (C, V) matrix that maps the final hidden state to logits."""
-        return F.transpose(self.wte.weight) if self.lm_head is None else self.lm_head.weight
+    def embed(self, idx: np.ndarray, start: int) -> Tensor:
+        pos = np.arange(start, start + idx.shape[1])
+        return self.drop(self.wte(idx) + self.wpe(pos))
 
-    def hidden(self, idx: np.ndarray, cache: KVCache | None = None) -> Tensor:
-        """The residual stream after ln_f: (B, T, C)."""
-        idx = _check_idx(idx, self.config)
-        B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the model's "
-                             f"block_size {self.config.block_size}; crop the context")
-        pos = np.arange(start, start + T)
-        x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, C)
-        for i, block in enumerate(self.h):
-            x = block(x, cache, i)
-        if cache is not None:
-            cache.length += T
+    def blocks(self) -> list[Block]:
+        return self.h
+
+    def norm_f(self, x: Tensor) -> Tensor:
         return self.ln_f(x)
 
-    def forward(self, idx: np.ndarray, targets: np.ndarray | None = None,
-                cache: KVCache | None = None):
-        x = self.hidden(idx, cache)
-        if cache is not None:
-            x = x[:, -1:, :]                  # generation needs the next token only
-        logits = F.linear(x, self.head_weight())                       # (B, T, V)
-        if targets is None:
-            return logits
-        return logits, F.cross_entropy(logits, targets)
-
-    def new_cache(self, batch: int = 1) -> KVCache:
-        cfg = self.config
-        return KVCache(cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head,
-                       self.wte.weight.dtype)
-
-    def save_pretrained(self, dir) -> None:
-        """Write model.safetensors + config.json in Hugging Face's GPT-2 layout (see weights.py)."""
-        from tinygpt import weights          # imported here: weights sits above model in the layers
-        weights.save_pretrained(self, dir)
-
-    def astype(self, dtype) -> GPT:
-        """Convert every parameter in place (float64 for gradient checks)."""
-        for p in self.parameters():
-            p.data = p.data.astype(dtype)
-        return self
+    def head_weight(self) -> Tensor:
+        return F.transpose(self.wte.weight) if self.lm_head is None else self.lm_head.weight
 
 
-def _check_idx(idx: np.ndarray, cfg: GPTConfig) -> np.ndarray:
+def check_token_ids(idx: np.ndarray, vocab_size: int, what: str = "token ids") -> np.ndarray:
+    """idx as a (B, T) integer array with T >= 1 and every id in [0, vocab_size), or a clear
+    error: the one check every entry point that takes token ids uses."""
     idx = np.asarray(idx)
     if idx.dtype.kind not in "iu":
-        raise TypeError(f"token ids must be integers, got dtype {idx.dtype}")
+        raise TypeError(f"{what} must be integers, got dtype {idx.dtype}")
     if idx.ndim == 1:
         idx = idx[None, :]
     if idx.ndim != 2 or idx.shape[1] == 0:
-        raise ValueError(f"token ids must have shape (B, T) with T >= 1, got {idx.shape}")
-    if idx.min() < 0 or idx.max() >= cfg.vocab_size:
-        bad = idx.max() if idx.max() >= cfg.vocab_size else idx.min()
-        raise ValueError(f"token id {bad} is out of range for vocab_size {cfg.vocab_size}")
+        raise ValueError(f"{what} must have shape (B, T) with T >= 1 (not empty), got {idx.shape}")
+    if idx.min() < 0 or idx.max() >= vocab_size:
+        bad = idx.max() if idx.max() >= vocab_size else idx.min()
+        raise ValueError(f"token id {bad} is out of range for vocab_size {vocab_size}")
     return idx

@@ -247,12 +247,16 @@ class MLP(Module):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one preallocated (B, NH, block_size, HS) pair per
-    layer, so decoding a token costs one new row instead of recomputing the whole prefix."""
+    """Keys and values of the tokens seen so far, one (B, n_kv_head, capacity, HS) pair per layer,
+    so decoding a token costs one new row instead of recomputing the whole prefix.
+
+    The arrays grow (doubling, up to `block_size`) as tokens arrive: a model with an 8192-token
+    context does not reserve 8192 positions for a 50-token chat.
+    """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, block_size: int, head_size: int,
-                 dtype=np.float32):
-        shape = (batch, n_head, block_size, head_size)
+                 dtype=np.float32, capacity: int = 256):
+        shape = (batch, n_head, min(capacity, block_size), head_size)
         self.k = [np.zeros(shape, dtype) for _ in range(n_layer)]
         self.v = [np.zeros(shape, dtype) for _ in range(n_layer)]
         self.length = 0                       # tokens already cached
@@ -263,9 +267,18 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.block_size:
             raise ValueError(f"KV cache holds {self.block_size} positions; {end} requested")
+        if end > self.k[layer].shape[2]:
+            self.k[layer], self.v[layer] = (self._grown(a, end) for a in (self.k[layer],
+                                                                         self.v[layer]))
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _grown(self, a: np.ndarray, needed: int) -> np.ndarray:
+        B, H, capacity, HS = a.shape
+        bigger = np.zeros((B, H, min(self.block_size, max(needed, 2 * capacity)), HS), a.dtype)
+        bigger[:, :, :self.length] = a[:, :, :self.length]
+        return bigger
 
 
 class CausalSelfAttention(Module):
