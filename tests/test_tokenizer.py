@@ -125,3 +125,20 @@ def test_char_tokenizer_bad_inputs(tmp_path):
         get_tokenizer("char")
     with pytest.raises(ValueError, match="'gpt3'"):
         get_tokenizer("gpt3")
+
+
+def test_save_and_load_tokenizer_every_kind(tmp_path):
+    from tinygpt.bpe import BPETokenizer
+    from tinygpt.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+    text = "the cat sat on the mat; the dog sat too. " * 5
+    for tok in (GPT2Tokenizer(), CharTokenizer.from_text(text), BPETokenizer.train(text, 270)):
+        save_tokenizer(tok, tmp_path)
+        loaded = load_tokenizer(tmp_path)
+        assert type(loaded) is type(tok) and loaded.encode(text) == tok.encode(text)
+    assert (tmp_path / TOKENIZER_FILE).stat().st_size < 10_000
+    save_tokenizer(GPT2Tokenizer(), tmp_path)
+    assert (tmp_path / TOKENIZER_FILE).stat().st_size < 100       # GPT-2's by name only
+    (tmp_path / TOKENIZER_FILE).write_text('{"type": "sentencepiece"}')
+    with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'"):
+        load_tokenizer(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path / "empty"), GPT2Tokenizer)   # hub dirs: GPT-2's

@@ -15,7 +15,7 @@ import pytest
 
 import tinygpt.safetensors
 from tinygpt import GPT, GPTConfig
-from tinygpt import cli
+from tinygpt import cli, download
 from tinygpt.checkpoint import load_checkpoint, read_record
 from tinygpt.data import DataLoader, GPTDataset
 from tinygpt.tokenizer import CharTokenizer
@@ -261,12 +261,16 @@ def test_cli_offline_without_data(tiny_run, tmp_path, capsys, monkeypatch):
     with socket.socket() as s:                          # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(cli, "VERDICT_URL", f"http://127.0.0.1:{port}/the-verdict.txt")
+    url, sha256, size = download.DATA_FILES["the-verdict.txt"]
+    monkeypatch.setitem(download.DATA_FILES, "the-verdict.txt",
+                        (f"http://127.0.0.1:{port}/the-verdict.txt", sha256, size))
     monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TINYGPT_SHARED", str(tmp_path / "no-shared"))     # not ../shared/data
     argv = tiny_run[2]
     i = argv.index("--data")
     err = _cli_error(argv[:i] + argv[i + 2:] + ["--out", str(tmp_path / "o")], capsys)
     assert "pass --data" in err
+    assert "the-verdict.txt" in err and "model.safetensors" not in err
 
 
 # --- hooks: time budget, metrics, grad_hook, is_main, batches of any structure ------------------
@@ -401,3 +405,46 @@ def test_resume_with_other_frozen_parameters_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="trained other parameters"):
         train(GPT(replace(MODEL, n_layer=2)), *_loaders(), replace(cfg, max_steps=3),
               progress=False, resume=True)
+
+
+# --- every trained model works with every command -----------------------------------------------
+
+def test_cli_pretrain_writes_a_model_that_generate_runs(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run1"
+    assert cli.main(tiny_run[2] + ["--out", str(out)]) == 0
+    assert {"model.safetensors", "config.json", "tinygpt-tokenizer.json"} <= \
+        {p.name for p in out.iterdir()}
+    capsys.readouterr()
+    argv = ["generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "5"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the cat") and len(text) == len("the cat") + 5 + 1  # 5 chars, newline
+
+
+def test_cli_generate_from_an_unfinished_run_says_resume(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run1"
+    assert cli.main(tiny_run[2] + ["--out", str(out)]) == 0
+    (out / "model.safetensors").unlink()                  # as if stopped before the end
+    capsys.readouterr()
+    err = _cli_error(["generate", "--model", str(out), "--prompt", "the"], capsys)
+    assert "did not finish" in err and "--resume" in err
+
+
+def test_cli_pretrain_accepts_a_hugging_face_config_json(tiny_run, tmp_path, capsys):
+    from tinygpt.weights import config_to_hf
+    _, model_json, argv = tiny_run
+    hf = config_to_hf(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16,
+                                tie_weights=True))
+    model_json.write_text(json.dumps(hf))                 # model_type gpt2, n_positions, n_ctx
+    out = tmp_path / "run"
+    assert cli.main(argv + ["--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["n_layer"], saved["n_embd"], saved["tie_word_embeddings"]) == (1, 16, True)
+    assert saved["vocab_size"] == TOK.n_vocab and saved["n_positions"] == T   # from the data
+
+
+def test_cli_pretrain_unknown_config_field_is_one_line(tiny_run, tmp_path, capsys):
+    _, model_json, argv = tiny_run
+    model_json.write_text(json.dumps({"n_layer": 1, "n_heads": 2}))
+    err = _cli_error(argv + ["--out", str(tmp_path / "o")], capsys)
+    assert str(model_json) in err and "n_heads" in err

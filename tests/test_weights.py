@@ -221,3 +221,39 @@ def test_real_gpt2_every_effort_moves_you():
     # greedy continuation of OpenAI's 124M model (the book, chapter 5; Hugging Face agrees)
     assert tok.decode(out[0, 4:]).startswith(
         " forward.\n\nThe first step is to understand the importance of your work")
+
+
+# --- trained models with their tokenizer ----------------------------------------------------------
+
+def test_save_and_load_pretrained_with_a_char_tokenizer(tmp_path):
+    from tinygpt.tokenizer import CharTokenizer
+    from tinygpt.weights import load_pretrained
+    tok = CharTokenizer.from_text("hello world")
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    model.requires_grad_(False)                        # frozen parameters are saved all the same
+    save_pretrained(model, tmp_path / "run", tokenizer=tok)
+    loaded, loaded_tok = load_pretrained(tmp_path / "run")
+    assert isinstance(loaded_tok, CharTokenizer) and loaded_tok.chars == tok.chars
+    idx = np.array([tok.encode("hello")])
+    np.testing.assert_array_equal(_logits(loaded, idx), _logits(model.eval(), idx))
+
+
+def test_hub_directory_without_tokenizer_file_gets_gpt2s(fixture_dir):
+    from tinygpt.tokenizer import GPT2Tokenizer
+    from tinygpt.weights import load_pretrained
+    _, tok = load_pretrained(fixture_dir)
+    assert isinstance(tok, GPT2Tokenizer)
+
+
+def test_config_from_json_reads_both_formats(fixture_dir, tmp_path):
+    from tinygpt.weights import config_from_json
+    hf = config_from_json(fixture_dir / "config.json")
+    assert (hf.n_layer, hf.n_embd, hf.block_size, hf.tie_weights) == (2, 64, 128, True)
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"n_layer": 3, "n_head": 2, "n_embd": 8, "block_size": 32}))
+    assert config_from_json(ours) == GPTConfig(n_layer=3, n_head=2, n_embd=8, block_size=32)
+    ours.write_text(json.dumps({"n_layers": 3}))
+    with pytest.raises(ValueError, match=r"ours.json: unknown GPTConfig field\(s\) n_layers"):
+        config_from_json(ours)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        config_from_json(tmp_path / "nope.json")

@@ -71,13 +71,16 @@ def _run_download(args) -> int:
 # --- generate ----------------------------------------------------------------------------------
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with GPT-2, streaming text to stdout",
-                       description="Continue --prompt with GPT-2 (KV-cached), printing text as it "
-                       "is generated. --model is a GPT-2 name (looked up in --dir/NAME, then the "
-                       "Hugging Face cache; fetch it with `tinygpt download gpt2`) or a directory "
-                       "holding model.safetensors + config.json. With --random-init, --model is a "
-                       "tinygpt preset (gpt2, gpt-mini, ...) with random weights: a smoke test.")
-    p.add_argument("--model", default="gpt2", help="GPT-2 name or checkpoint dir (default gpt2)")
+    p = sub.add_parser("generate", help="continue a prompt with a GPT, streaming text to stdout",
+                       description="Continue --prompt (KV-cached), printing text as it is "
+                       "generated. --model is a GPT-2 name (looked up in --dir/NAME, then the "
+                       "Hugging Face cache; fetch it with `tinygpt download gpt2`), the --out "
+                       "folder of a finished `tinygpt pretrain`, or any directory holding "
+                       "model.safetensors + config.json; the model's own tokenizer is used. With "
+                       "--random-init, --model is a tinygpt preset (gpt2, gpt-mini, ...) with "
+                       "random weights: a smoke test.")
+    p.add_argument("--model", default="gpt2", help="GPT-2 name, training run or model directory "
+                   "(default gpt2)")
     p.add_argument("--dir", default="weights", help="where GPT-2 names live (default weights)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add (default 50)")
@@ -99,7 +102,6 @@ def _run_generate(args) -> int:
     import numpy as np
 
     from tinygpt.generate import stream
-    from tinygpt.tokenizer import GPT2Tokenizer
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -108,13 +110,15 @@ def _run_generate(args) -> int:
         raise CLIError(f"--top-k must be a positive integer, got {args.top_k}")
     if args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    tok = GPT2Tokenizer()
-    ids = tok.encode(args.prompt)
-    if not ids:
+    if not args.prompt:
         raise CLIError("--prompt is empty")
     start = time.perf_counter()
-    model = _generate_model(args, tok.n_vocab)
+    model, tok = _generate_model(args)
     loaded = time.perf_counter()
+    try:
+        ids = tok.encode(args.prompt)
+    except ValueError as e:                      # a character the model's vocabulary lacks
+        raise CLIError(f"--prompt: {e}") from None
     print(args.prompt, end="", flush=True)
     text = _TextStream(tok)
     n = 0
@@ -133,14 +137,17 @@ def _run_generate(args) -> int:
     return 0
 
 
-def _generate_model(args, vocab_size: int):
-    """The model `tinygpt generate` runs: GPT-2 weights, or a random preset (--random-init)."""
+def _generate_model(args):
+    """(model, tokenizer) `tinygpt generate` runs: saved weights with their tokenizer, or a random
+    preset with GPT-2's (--random-init)."""
     if args.random_init:
         from tinygpt.model import GPT, GPTConfig
-        cfg = GPTConfig.preset(args.model, vocab_size=vocab_size, qkv_bias=True, tie_weights=True)
-        return GPT(cfg, seed=0 if args.seed is None else args.seed).eval()
-    from tinygpt.weights import load_gpt2
-    return load_gpt2(args.model, args.dir, download=False)
+        from tinygpt.tokenizer import GPT2Tokenizer
+        tok = GPT2Tokenizer()
+        cfg = GPTConfig.preset(args.model, vocab_size=tok.n_vocab, qkv_bias=True, tie_weights=True)
+        return GPT(cfg, seed=0 if args.seed is None else args.seed).eval(), tok
+    from tinygpt.weights import load_pretrained
+    return load_pretrained(args.model, args.dir, download=False)
 
 
 class _TextStream:
@@ -169,8 +176,6 @@ class _TextStream:
 
 # --- pretrain ----------------------------------------------------------------------------------
 
-VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
-               "01_main-chapter-code/the-verdict.txt")
 RENAMED_FLAGS = {"out_dir": ("--out", "--out-dir")}     # the issue's spelling, and the field's
 
 
@@ -203,9 +208,11 @@ def _add_pretrain(sub) -> None:
                        description="Pretrain a GPT with next-token prediction. Flags below "
                        "--resume are TrainConfig fields (tinygpt/train.py documents their units).")
     p.add_argument("--data", default=None, help="UTF-8 text file, or a directory from `tinygpt "
-                   "prepare`; default: the book's the-verdict.txt, downloaded into the cache")
-    p.add_argument("--model", default=None, help="preset (gpt2, gpt-mini, ...) or a JSON file "
-                   "of GPTConfig fields; vocab and block size come from the data (default gpt2)")
+                   "prepare`; default: the book's the-verdict.txt (from ../shared/data, the cache, "
+                   "or downloaded into the cache)")
+    p.add_argument("--model", default=None, help="preset (gpt2, gpt-mini, ...), or a JSON file: "
+                   "GPTConfig fields or a Hugging Face GPT-2 config.json; vocab and block size "
+                   "come from the data (default gpt2)")
     p.add_argument("--dropout", type=float, default=None, help="model dropout (default 0.1)")
     p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2",
                    help="for a text file (default gpt2)")
@@ -221,30 +228,26 @@ def _add_pretrain(sub) -> None:
                        help=f"default {default}")
 
 
-def _pretrain_text(cache_dir) -> str:
-    """The book's text, from the cache or downloaded into it; offline, an error naming --data."""
-    from pathlib import Path
-
-    from tinygpt.download import download_file
-    path = Path(cache_dir) / "the-verdict.txt"
+def _pretrain_text() -> str:
+    """The book's text, from ../shared/data, the cache, or downloaded; offline, an error naming it
+    and --data."""
+    from tinygpt.download import DownloadError, data_file
     try:
-        return str(download_file(VERDICT_URL, path, progress=False, timeout=10.0, retries=0))
-    except OSError as e:
-        raise CLIError(f"no --data given and the book's text could not be downloaded ({e}); "
-                       "pass --data FILE (e.g. ../shared/data/the-verdict.txt)") from None
+        return str(data_file("the-verdict.txt", progress=False, timeout=10.0, retries=0))
+    except DownloadError as e:
+        raise CLIError(f"no --data given: {e}; pass --data FILE, a UTF-8 text file") from None
 
 
 def _run_pretrain(args) -> int:
     import json
-    import os
     import time
     from dataclasses import asdict, fields, replace
-    from pathlib import Path
 
     from tinygpt import GPT, GPTConfig
     from tinygpt.checkpoint import read_record
     from tinygpt.data import pretrain_data
     from tinygpt.train import TrainConfig, TrainingDiverged, train
+    from tinygpt.weights import config_from_json, save_pretrained
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume:
         if "out_dir" not in given:
@@ -258,14 +261,12 @@ def _run_pretrain(args) -> int:
         cfg = TrainConfig(**{"out_dir": "runs/pretrain", **given})
         model_cfg, data, tokenizer = None, args.data, args.tokenizer
     if data is None:
-        cache = os.environ.get("TINYGPT_CACHE") or Path.home() / ".cache" / "tinygpt"
-        data = _pretrain_text(cache)
+        data = _pretrain_text()
     train_data, val_data, tok = pretrain_data(data, cfg.context_length, cfg.batch_size, cfg.seed,
                                               tokenizer)
     if model_cfg is None or args.model is not None or args.dropout is not None:
         name = args.model or "gpt2"           # on --resume, a different model is an error later
-        base = (GPTConfig(**json.loads(Path(name).read_text())) if name.endswith(".json")
-                else GPTConfig.preset(name))
+        base = config_from_json(name) if name.endswith(".json") else GPTConfig.preset(name)
         dropout = args.dropout if args.dropout is not None else 0.1
         model_cfg = replace(base, vocab_size=tok.n_vocab, block_size=cfg.context_length,
                             dropout=dropout)
@@ -279,10 +280,11 @@ def _run_pretrain(args) -> int:
                        extra={"data": str(data), "tokenizer": tokenizer})
     except TrainingDiverged as e:
         raise CLIError(str(e)) from None
+    save_pretrained(model, cfg.out_dir, tokenizer=tok)    # what generate and fine-tunes read
     last = result.evals[-1]
     print(f"done: {result.step} steps, train {last['train_loss']:.3f}, val "
-          f"{last['val_loss']:.3f}, {time.perf_counter() - start:.0f} s; logs and checkpoint "
-          f"in {cfg.out_dir}")
+          f"{last['val_loss']:.3f}, {time.perf_counter() - start:.0f} s; logs, checkpoint and "
+          f"model in {cfg.out_dir} (tinygpt generate --model {cfg.out_dir} --prompt ...)")
     return 0
 
 

@@ -1,10 +1,12 @@
-"""Fetch OpenAI's GPT-2 weights from the Hugging Face hub: resumable, sha256-checked, atomic.
+"""Fetch GPT-2's weights and the default data files: resumable, sha256-checked, atomic.
 
-This module owns getting `model.safetensors` and `config.json` onto disk and finding them again:
-`download_gpt2` fetches them into `weights/<name>/`, and `resolve_gpt2` turns a name or a
-directory into a folder that holds both, preferring what is already on disk (a folder you made,
-an earlier download, or a Hugging Face cache snapshot) over the network. Reading the files is
-left to `safetensors.py` and `weights.py`. Uses only the standard library and tqdm.
+This module owns getting files onto disk and finding them again. `download_gpt2` fetches
+`model.safetensors` and `config.json` into `weights/<name>/`, and `resolve_gpt2` turns a name or a
+directory (a training run, a hub-layout folder) into a folder that holds both, preferring what is
+already on disk (a folder you made, an earlier download, or a Hugging Face cache snapshot) over the
+network. `data_file` finds a default text (tiny-shakespeare, the book's the-verdict.txt) in
+../shared/data or tinygpt's cache, else downloads it into the cache from its public home. Reading
+the files is left to `safetensors.py` and `weights.py`. Uses only the standard library and tqdm.
 
 How a file arrives, so an interrupted or corrupt download never sits under the final name:
 bytes go to `<file>.part`; a rerun continues it with an HTTP Range request (a server that answers
@@ -39,12 +41,30 @@ KNOWN_FILES: dict[tuple[str, str], tuple[str, int]] = {
     ("gpt2", "model.safetensors"):
         ("248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707", 548_105_171),
 }
+# Default data files of the demos and `tinygpt pretrain`: name -> (public URL, sha256, bytes)
+DATA_FILES: dict[str, tuple[str, str, int]] = {
+    "tinyshakespeare.txt": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", 1_115_394),
+    "the-verdict.txt": (                  # the book's chapter 2 text
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
+        "01_main-chapter-code/the-verdict.txt",
+        "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f", 20_479),
+}
 CHUNK = 1 << 20               # bytes per read: large enough for speed, small enough for the bar
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class DownloadError(OSError):
     """A download failed; the message names the URL or file and what to do next."""
+
+
+class Unreachable(DownloadError):
+    """The server could not be reached at all (offline, a wrong host, a timeout)."""
+
+
+class ModelNotFound(FileNotFoundError, ValueError):
+    """`--model` names neither a model directory nor a GPT-2 model."""
 
 
 class _Interrupted(Exception):
@@ -74,38 +94,84 @@ def download_gpt2(name: str, dir: str | os.PathLike = "weights", *, base_url: st
             sha256, size = KNOWN_FILES.get((name, file), (None, None))
             download_file(url, dest / file, sha256=sha256, size=size, progress=progress,
                           timeout=timeout, retries=retries)
-    except BaseException:
-        if created and not any(dest.iterdir()):     # nothing to resume: leave no empty folder
+    except Unreachable as e:
+        raise Unreachable(f"{e}; to supply the files by hand, put {' and '.join(GPT2_FILES)} in "
+                          f"{dest}/ or pass a local directory that holds them") from None
+    finally:
+        if created and dest.is_dir() and not any(dest.iterdir()):   # leave no empty folder
             dest.rmdir()
-        raise
     return dest
 
 
 def resolve_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights", *,
-                 base_url: str = HF_URL, progress: bool = True) -> Path:
+                 download: bool = True, base_url: str = HF_URL, progress: bool = True) -> Path:
     """A directory holding GPT-2's model.safetensors and config.json, downloading only if needed.
 
-    In order: `path_or_name` itself if it is such a directory; `dir/name/`; a Hugging Face cache
-    snapshot of the model (`$HF_HUB_CACHE`, `$HF_HOME/hub` or ~/.cache/huggingface/hub); else
-    `download_gpt2(name, dir)`.
+    In order: `path_or_name` itself if it is such a directory (a hub-layout folder, or a training
+    run that finished); `dir/name/`; a Hugging Face cache snapshot of the model (`$HF_HUB_CACHE`,
+    `$HF_HOME/hub` or ~/.cache/huggingface/hub); else `download_gpt2(name, dir)`, or with
+    `download=False` a FileNotFoundError naming `tinygpt download <name>`.
     """
     path = Path(path_or_name)
     if _has_gpt2_files(path):
         return path
     name = str(path_or_name)
     if name not in GPT2_NAMES:
+        if (path / "checkpoint.json").is_file():
+            raise ModelNotFound(f"{path}: a training run with a checkpoint but no final "
+                                f"{GPT2_FILES[0]}: it did not finish; continue it with "
+                                f"`tinygpt pretrain --out {path} --resume`")
         if path.is_dir():
             missing = [f for f in GPT2_FILES if not (path / f).is_file()]
-            raise ValueError(f"{path}: directory has no {' or '.join(missing)}")
-        raise ValueError(f"{name!r} is neither a directory holding {' and '.join(GPT2_FILES)} "
-                         f"nor a GPT-2 model name ({', '.join(GPT2_NAMES)})")
+            raise ModelNotFound(f"{path}: directory has no {' or '.join(missing)}")
+        raise ModelNotFound(f"{name!r} is neither a directory holding {' and '.join(GPT2_FILES)} "
+                            f"nor a GPT-2 model name ({', '.join(GPT2_NAMES)}); fetch one with "
+                            "`tinygpt download gpt2`, see weights/README.md")
     local = Path(dir) / name
     if _has_gpt2_files(local):
         return local
     snapshot = find_hf_snapshot(name)
     if snapshot is not None:
         return snapshot
+    if not download:
+        raise FileNotFoundError(f"no GPT-2 weights at {local / GPT2_FILES[0]}: run "
+                                f"`tinygpt download {name}` (see weights/README.md)")
     return download_gpt2(name, dir, base_url=base_url, progress=progress)
+
+
+def cache_dir() -> Path:
+    """tinygpt's download cache: `$TINYGPT_CACHE`, else ~/.cache/tinygpt."""
+    return Path(os.environ.get("TINYGPT_CACHE") or Path.home() / ".cache" / "tinygpt")
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside this checkout (`$TINYGPT_SHARED/data` if set), where our own
+    machines keep the data files."""
+    default = Path(__file__).resolve().parents[2] / "shared"
+    return Path(os.environ.get("TINYGPT_SHARED") or default) / "data"
+
+
+def data_file(name: str, *, progress: bool = True, timeout: float = 30.0,
+              retries: int = 2) -> Path:
+    """The default data file `name` (a key of DATA_FILES) on disk: ../shared/data/<name>, else the
+    cache's copy, else downloaded into the cache from its public home (resumable, sha256-checked).
+
+    Offline, raises DownloadError naming the file, the places looked in and the URL, in one line.
+    """
+    if name not in DATA_FILES:
+        raise ValueError(f"unknown data file {name!r}; known: {', '.join(DATA_FILES)}")
+    url, sha256, size = DATA_FILES[name]
+    shared = shared_data_dir() / name
+    if shared.is_file():
+        return shared
+    cached = cache_dir() / name
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        return download_file(url, cached, sha256=sha256, size=size, progress=progress,
+                             timeout=timeout, retries=retries)
+    except OSError as e:                           # DownloadError, or an unwritable cache
+        raise DownloadError(f"{name} is not in {shared.parent} or {cached.parent}, and fetching "
+                            f"it failed: {e}") from None
 
 
 def find_hf_snapshot(name: str) -> Path | None:
@@ -181,7 +247,8 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> str | None:
             raise DownloadError(f"{url}: 404 Not Found") from None
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise DownloadError(_unreachable(url, part, e)) from None
+        reason = getattr(e, "reason", None) or e
+        raise Unreachable(f"cannot reach {urlsplit(url).netloc} for {url} ({reason})") from None
 
     with response:
         headers = [*redirects.seen, response.headers]
@@ -247,13 +314,6 @@ def _content_range(value: str) -> tuple[int, int | None]:
     if not m:
         raise DownloadError(f"server sent a malformed Content-Range {value!r}")
     return int(m[1]), None if m[2] == "*" else int(m[2])
-
-
-def _unreachable(url: str, part: Path, e: BaseException) -> str:
-    reason = getattr(e, "reason", None) or e
-    return (f"cannot reach {urlsplit(url).netloc} for {url} ({reason}); to supply the files "
-            f"by hand, put {' and '.join(GPT2_FILES)} in {part.parent}/ or pass a local "
-            "directory that holds them")
 
 
 # --- files on disk --------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ itself, written out in Python, is in `bpe.py`; turning ids into training batches
     python -c "from tinygpt.tokenizer import *; print(get_tokenizer('gpt2').encode('Hello'))"
 
 Both tokenizers have `name`, `encode(text, allowed_special=...) -> list[int]`, `decode(ids) -> str`,
-`n_vocab` (alias `vocab_size`) and `eot_id` (None for characters).
+`n_vocab` (alias `vocab_size`) and `eot_id` (None for characters). `save_tokenizer` and
+`load_tokenizer` keep the one a model was trained with beside it, in `tinygpt-tokenizer.json`.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from pathlib import Path
 
 import tiktoken
 
-from tinygpt.bpe import (EOT, GPT2_FILES_SHA256, GPT2_PATTERN, bundled_gpt2_paths, read_checked,
-                         read_gpt2_ranks)
+from tinygpt.bpe import (EOT, GPT2_FILES_SHA256, GPT2_PATTERN, BPETokenizer, bundled_gpt2_paths,
+                         read_checked, read_gpt2_ranks)
 from tinygpt.fileio import write_json_atomic
 
 EOT_ID = 50256       # GPT-2's <|endoftext|>, the id after the 50,256 ordinary tokens
 GPT2_VOCAB_SIZE = 50257
+# beside a saved model; not Hugging Face's tokenizer.json, which hub directories may hold
+TOKENIZER_FILE = "tinygpt-tokenizer.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,7 +134,7 @@ class CharTokenizer:
         return cls(state["chars"])
 
 
-Tokenizer = GPT2Tokenizer | CharTokenizer
+Tokenizer = GPT2Tokenizer | CharTokenizer | BPETokenizer
 
 
 def get_tokenizer(name: str = "gpt2", text: str | None = None,
@@ -147,3 +150,36 @@ def get_tokenizer(name: str = "gpt2", text: str | None = None,
                              "or vocab_path=")
         return CharTokenizer.from_text(text)
     raise ValueError(f"unknown tokenizer {name!r}: choose 'gpt2' or 'char'")
+
+
+def save_tokenizer(tok: Tokenizer, directory: Path | str) -> Path:
+    """Write `directory/tinygpt-tokenizer.json`: GPT-2's BPE by name ({"type": "gpt2"}, its files
+    are bundled), a character vocabulary or a trained BPE vocabulary in full."""
+    path = Path(directory) / TOKENIZER_FILE
+    if isinstance(tok, GPT2Tokenizer):
+        write_json_atomic(path, {"type": "gpt2"})
+    elif isinstance(tok, (CharTokenizer, BPETokenizer)):
+        tok.save(path)
+    else:
+        raise TypeError(f"cannot save a {type(tok).__name__}: not a tinygpt tokenizer")
+    return path
+
+
+def load_tokenizer(directory: Path | str) -> Tokenizer:
+    """The tokenizer `save_tokenizer` wrote into `directory`; GPT-2's when there is none (a
+    Hugging Face GPT-2 directory)."""
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        return GPT2Tokenizer()
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    kind = state.get("type", state.get("format")) if isinstance(state, dict) else None
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        return CharTokenizer.load(path)
+    if kind == "tinygpt-bpe":
+        return BPETokenizer.load(path)
+    raise ValueError(f"{path}: unknown tokenizer {kind!r} (expected gpt2, char or tinygpt-bpe)")

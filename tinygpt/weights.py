@@ -2,8 +2,10 @@
 
 This module owns the mapping between a hub checkpoint directory (`model.safetensors` +
 `config.json`) and a `GPT`: the config translation, the name and shape checks, and reading the
-tensors straight into the model's own arrays. The file format itself is `safetensors.py`'s; finding
-or downloading the directory is `download.py`'s.
+tensors straight into the model's own arrays. Every trained model is saved the same way, with the
+tokenizer it used beside it (`save_pretrained(model, dir, tokenizer)`), so `load_pretrained` takes
+a training run, a hub-layout folder or a GPT-2 name alike. The file format itself is
+`safetensors.py`'s; finding or downloading the directory is `download.py`'s.
 
 The mapping is almost the identity, because our attribute names are GPT-2's and `Linear.weight` is
 stored (in, out) like GPT-2's Conv1D:
@@ -27,16 +29,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-from tinygpt.download import GPT2_NAMES, find_hf_snapshot, resolve_gpt2
+from tinygpt.download import resolve_gpt2
 from tinygpt.fileio import write_json_atomic
 from tinygpt.model import GPT, GPTConfig
 from tinygpt.nn import shape_mismatches
 from tinygpt.safetensors import Header, load_safetensors, read_header, save_safetensors
+from tinygpt.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 HF_PREFIX = "transformer."                             # names written by transformers' save_pretrained
@@ -67,6 +71,38 @@ def config_from_hf(hf: dict) -> GPTConfig:
                      dropout=0.0, qkv_bias=True,
                      tie_weights=hf.get("tie_word_embeddings", True),
                      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+
+
+HF_ONLY_KEYS = ("model_type", "n_positions", "n_ctx", "architectures", "activation_function")
+
+
+def config_from_json(path: str | os.PathLike) -> GPTConfig:
+    """A `GPTConfig` from a JSON file of its fields, or from a Hugging Face GPT-2 `config.json`
+    (recognised by keys such as `model_type` or `n_positions`)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model config not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object of GPTConfig fields or a Hugging Face "
+                         "config.json")
+    if any(k in d for k in HF_ONLY_KEYS):
+        try:
+            return config_from_hf(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown GPTConfig field(s) {', '.join(unknown)} (known: "
+                         f"{', '.join(sorted(known))})")
+    try:
+        return GPTConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def config_to_hf(cfg: GPTConfig) -> dict:
@@ -108,12 +144,20 @@ def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights
     Names are looked up in `dir/<name>/` and the Hugging Face cache, then downloaded
     (`download=False` raises FileNotFoundError instead, naming `tinygpt download <name>`).
     """
-    directory = _find_checkpoint(path_or_name, dir, download)
+    directory = resolve_gpt2(path_or_name, dir, download=download)
     with open(directory / CONFIG_FILE, encoding="utf-8") as f:
         cfg = config_from_hf(json.load(f))
     model = GPT(cfg, init=False)                    # every weight is read from the file
     load_weights(model, directory / WEIGHTS_FILE)
     return model.eval()
+
+
+def load_pretrained(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights", *,
+                    download: bool = True) -> tuple[GPT, Tokenizer]:
+    """(model in eval mode, its tokenizer) from a training run's folder, a hub-layout folder or a
+    GPT-2 name (see `load_gpt2`); GPT-2's tokenizer where the folder names none."""
+    directory = resolve_gpt2(path_or_name, dir, download=download)
+    return load_gpt2(directory), load_tokenizer(directory)
 
 
 def load_weights(model: GPT, path: str | os.PathLike) -> None:
@@ -140,24 +184,6 @@ def load_weights(model: GPT, path: str | os.PathLike) -> None:
             model.lm_head.weight.data = np.ascontiguousarray(vc.T)             # (C, V)
         elif head is not None:
             _check_tied_head(f, path, header, head, model.wte.weight.data)
-
-
-def _find_checkpoint(path_or_name: str | os.PathLike, dir: str | os.PathLike,
-                     download: bool) -> Path:
-    """The directory holding model.safetensors + config.json (see `load_gpt2`)."""
-    name = str(path_or_name)
-    local = Path(dir) / name
-    if download or name not in GPT2_NAMES or (local / WEIGHTS_FILE).is_file():
-        if name not in GPT2_NAMES and not Path(name).is_dir():
-            raise FileNotFoundError(f"{name}: no such checkpoint directory (or GPT-2 name: "
-                                    f"{', '.join(GPT2_NAMES)}); fetch one with `tinygpt download "
-                                    "gpt2`, see weights/README.md")
-        return resolve_gpt2(path_or_name, dir)             # downloads show a progress bar
-    snapshot = find_hf_snapshot(name)
-    if snapshot is None:
-        raise FileNotFoundError(f"no GPT-2 weights at {local / WEIGHTS_FILE}: run "
-                                f"`tinygpt download {name}` (see weights/README.md)")
-    return snapshot
 
 
 def _strip(name: str) -> str:
@@ -223,12 +249,14 @@ def _check_tied_head(f: BinaryIO, path: Path, header: Header, name: str, wte: np
 
 # --- saving ---------------------------------------------------------------------------------------
 
-def save_pretrained(model: GPT, dir: str | os.PathLike) -> Path:
-    """Write `model` as `dir/model.safetensors` + `dir/config.json` in the hub's GPT-2 layout.
+def save_pretrained(model: GPT, dir: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
+    """Write `model` as `dir/model.safetensors` + `dir/config.json` in the hub's GPT-2 layout, and
+    `tokenizer` (if given) beside them, so `load_pretrained(dir)` gets both back.
 
     Names carry no prefix and weights stay (in, out), as in the hub file; float32. A model without
     qkv bias gets zero c_attn biases (same function). An untied head is written as HF's
-    `lm_head.weight` [V, C] with `tie_word_embeddings: false`. Each file is replaced atomically.
+    `lm_head.weight` [V, C] with `tie_word_embeddings: false`. Frozen parameters are saved like
+    the others. Each file is replaced atomically.
     """
     cfg = model.config
     directory = Path(dir)
@@ -241,4 +269,6 @@ def save_pretrained(model: GPT, dir: str | os.PathLike) -> Path:
     # transformers refuses safetensors files whose metadata lacks a known "format"
     save_safetensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     write_json_atomic(directory / CONFIG_FILE, config_to_hf(cfg), indent=2, sort_keys=True)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
     return directory
