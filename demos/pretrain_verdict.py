@@ -2,6 +2,10 @@
 
     python demos/pretrain_verdict.py [PATH_TO_the-verdict.txt] [--epochs 10] [--out DIR]
 
+Without a path the text is read from ../shared/data, else tinygpt's cache, else downloaded into
+the cache from the book's repository (sha256-checked). With --out, the final model and its
+tokenizer are saved there too, for `tinygpt generate --model DIR`.
+
 The settings are the book's (section 5.2): context 256, dropout 0.1, no qkv bias, untied head;
 windows of 256 tokens with stride 256, a 90/10 split by characters; AdamW lr 4e-4, weight decay
 0.1, batch 2, 10 epochs, seed 123; losses every 5 steps over 5 batches and a greedy sample from
@@ -26,10 +30,12 @@ import numpy as np
 
 from tinygpt import GPT, GPTConfig
 from tinygpt.data import DataLoader, GPTDataset, read_text, train_val_split
+from tinygpt.download import DownloadError, data_file
 from tinygpt.tokenizer import get_tokenizer
 from tinygpt.train import TrainConfig, train
+from tinygpt.weights import save_pretrained
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "the-verdict.txt"
+DEFAULT_DATA = "the-verdict.txt"        # a name in tinygpt.download.DATA_FILES
 
 
 def book_init(model: GPT, seed: int) -> None:
@@ -56,15 +62,23 @@ def _fan_in(model: GPT, bias_name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA,
-                        help=f"the-verdict.txt (default {DEFAULT_DATA})")
+    parser.add_argument("data", nargs="?", type=Path, default=None,
+                        help=f"{DEFAULT_DATA} (default: ../shared/data, the cache, or downloaded)")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--out", default=None, help="write log.csv, loss.png and a checkpoint here")
+    parser.add_argument("--out", default=None,
+                        help="write log.csv, loss.png, a checkpoint and the model here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--init", choices=("book", "gpt2"), default="book",
                         help="book: PyTorch's default init, as the book's model (default); "
                              "gpt2: GPT-2's N(0, 0.02)")
     args = parser.parse_args(argv)
+    if args.data is None:
+        try:
+            args.data = data_file(DEFAULT_DATA)
+        except DownloadError as e:
+            print(f"pretrain_verdict.py: {e}; pass the file's path: python "
+                  f"demos/pretrain_verdict.py PATH/{DEFAULT_DATA}", file=sys.stderr)
+            return 2
 
     cfg = TrainConfig(context_length=256, batch_size=2, epochs=args.epochs, lr=4e-4,
                       weight_decay=0.1, grad_clip=0.0, eval_freq=5, eval_iter=5, seed=123,
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     result = train(model, train_loader, val_loader, cfg, tokenizer=tokenizer, log=print,
                    progress=not args.quiet)
     minutes = (time.perf_counter() - start) / 60
+    if args.out:
+        save_pretrained(model, args.out, tokenizer=tokenizer)
     first, last = result.evals[0], result.evals[-1]
     print(f"\ninitial: train {first['train_loss']:.3f}, val {first['val_loss']:.3f} "
           "(book: about 10.99)")

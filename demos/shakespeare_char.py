@@ -3,6 +3,9 @@
     python demos/shakespeare_char.py [PATH_TO_tinyshakespeare.txt] [--minutes 3] [--max-steps N]
                                      [--seed 1337] [--lr 1e-3]
 
+Without a path the text (1.1 MB) is read from ../shared/data, else tinygpt's cache, else
+downloaded into the cache from Karpathy's char-rnn repository (sha256-checked).
+
 What it shows: the whole pipeline on one laptop CPU. The 1.1 MB text becomes 65 character ids
 (`CharTokenizer`), a 90/10 train/val split, random 64-character windows (`GPTDataset`, stride 1,
 and a shuffling `DataLoader`), a 4-layer, 128-wide GPT (817K parameters) and AdamW; every
@@ -35,12 +38,12 @@ import numpy as np
 
 from tinygpt import GPT, GPTConfig
 from tinygpt.data import DataLoader, GPTDataset, read_text, train_val_split
+from tinygpt.download import DownloadError, data_file
 from tinygpt.generate import generate
 from tinygpt.tokenizer import CharTokenizer
 from tinygpt.train import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_DATA = "tinyshakespeare.txt"    # a name in tinygpt.download.DATA_FILES
 BLOCK_SIZE = 64          # characters of context
 BATCH_SIZE = 16          # windows per step: 1,024 characters
 WARMUP = 50              # steps of linear learning-rate warmup
@@ -74,8 +77,8 @@ class Report:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA,
-                        help=f"tinyshakespeare.txt (default {DEFAULT_DATA})")
+    parser.add_argument("data", nargs="?", type=Path, default=None,
+                        help=f"{DEFAULT_DATA} (default: ../shared/data, the cache, or downloaded)")
     parser.add_argument("--minutes", type=float, default=3.0, help="training time budget")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
     parser.add_argument("--seed", type=int, default=1337, help="model init, data order, sampling")
@@ -83,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=100, help="steps between loss reports")
     parser.add_argument("--sample-chars", type=int, default=400)
     args = parser.parse_args(argv)
+    if args.data is None:
+        try:
+            args.data = data_file(DEFAULT_DATA)
+        except DownloadError as e:
+            print(f"shakespeare_char.py: {e}; pass the file's path: python "
+                  f"demos/shakespeare_char.py PATH/{DEFAULT_DATA}", file=sys.stderr)
+            return 2
 
     text = read_text(args.data)
     tokenizer = CharTokenizer.from_text(text)

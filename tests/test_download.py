@@ -294,3 +294,68 @@ def test_cli_errors_are_one_line_and_exit_2(hub, tmp_path, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "wrong sha256" in err
+
+
+# --- default data files: ../shared/data, the cache, else their public home -----------------------
+
+TEXT = b"I HAD always thought Jack Gisburn rather a cheap genius. " * 2000   # 116 KB
+TEXT_PATH = "/the-verdict.txt"
+
+
+@pytest.fixture
+def data_home(hub, tmp_path, monkeypatch) -> Path:
+    """The server holds the text, DATA_FILES points there; no ../shared, an empty cache."""
+    hub.files[TEXT_PATH] = TEXT
+    monkeypatch.setitem(dl.DATA_FILES, "the-verdict.txt", (
+        hub.url + TEXT_PATH, hashlib.sha256(TEXT).hexdigest(), len(TEXT)))
+    monkeypatch.setenv("TINYGPT_SHARED", str(tmp_path / "shared"))
+    monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_data_file_downloads_into_the_cache_once(hub, data_home):
+    path = dl.data_file("the-verdict.txt", progress=False)
+    assert path == data_home / "cache" / "the-verdict.txt" and path.read_bytes() == TEXT
+    n = len(hub.requests)
+    assert dl.data_file("the-verdict.txt", progress=False) == path
+    assert len(hub.requests) == n                          # the cache's copy, no request
+
+
+def test_data_file_prefers_shared_data(hub, data_home):
+    shared = data_home / "shared" / "data"
+    shared.mkdir(parents=True)
+    (shared / "the-verdict.txt").write_bytes(b"ours")
+    assert dl.data_file("the-verdict.txt") == shared / "the-verdict.txt"
+    assert hub.requests == []
+
+
+def test_data_file_resumes_a_cut_download(hub, data_home):
+    hub.cuts_left = 1
+    assert dl.data_file("the-verdict.txt", progress=False, retries=1).read_bytes() == TEXT
+    assert (TEXT_PATH, f"bytes={CUT}-") in hub.requests
+
+
+def test_data_file_with_the_wrong_hash_is_not_kept(hub, data_home):
+    hub.files[TEXT_PATH] = TEXT[:-1] + b"!"
+    with pytest.raises(DownloadError, match="the-verdict.txt is not in .*wrong sha256"):
+        dl.data_file("the-verdict.txt", progress=False)
+    assert not (data_home / "cache" / "the-verdict.txt").exists()
+
+
+def test_data_file_offline_is_one_line_naming_the_file(data_home, monkeypatch):
+    with socket.socket() as s:                     # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url, sha256, size = dl.DATA_FILES["the-verdict.txt"]
+    monkeypatch.setitem(dl.DATA_FILES, "the-verdict.txt", (f"http://127.0.0.1:{port}/t", sha256,
+                                                           size))
+    with pytest.raises(DownloadError) as e:
+        dl.data_file("the-verdict.txt", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("the-verdict.txt is not in ")
+    assert "cannot reach 127.0.0.1" in msg and "model.safetensors" not in msg
+
+
+def test_resolve_without_download_names_the_command(tmp_path, hf_home):
+    with pytest.raises(FileNotFoundError, match="run `tinygpt download gpt2`"):
+        resolve_gpt2("gpt2", tmp_path, download=False)
