@@ -247,3 +247,18 @@ def test_cli_prepare_bad_val_fraction(tmp_path, shared, capsys):
     src = str(shared / "data" / "the-verdict.txt")
     assert cli.main(["prepare", src, str(tmp_path), "--val-fraction", "1.5"]) == 2
     assert "val_fraction must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_pretrain_data_from_a_text_file_and_a_prepared_directory(tmp_path):
+    from tinygpt.data import SampledBatches, pretrain_data
+    text = "".join(f"line {i}: the quick brown fox.\n" for i in range(200))
+    (tmp_path / "t.txt").write_text(text)
+    train, val, tok = pretrain_data(tmp_path / "t.txt", 16, 4, seed=0, tokenizer="char")
+    x, y = next(iter(train))
+    assert x.shape == (4, 16) and tok.decode(x[0]) in text and len(val) >= 1
+    prepare(tmp_path / "t.txt", tmp_path / "p", tokenizer="char", progress=False)
+    train, val, tok = pretrain_data(tmp_path / "p", 16, 4, seed=0)
+    assert isinstance(train, SampledBatches) and tok.chars == sorted(set(text))
+    first = [x.copy() for x, _ in train]                  # the windows come from train.rng
+    assert len(first) == len(train) and first[0].shape == (4, 16)
+    assert not np.array_equal(first[0], next(iter(train))[0])    # the rng moved on

@@ -1,4 +1,4 @@
-"""Training checkpoints: model + optimizer arrays in safetensors, everything else in JSON.
+"""A training run's folder: checkpoints (arrays in safetensors, everything else in JSON) and logs.
 
 A checkpoint in `out_dir` is two files:
 
@@ -12,17 +12,22 @@ the previous checkpoint complete and readable; the old tensor file is deleted af
 Reading checks the JSON, the file's header and size (via `safetensors.py`) and a CRC32 of every
 array, so a truncated or corrupted checkpoint is an error that names the file, never bad weights.
 
+The folder also holds `log.csv` (one row per evaluation) and `loss.png` (when matplotlib is
+installed), rewritten atomically after each evaluation.
+
     python -m pytest tests/test_train.py -q -k checkpoint
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from tinygpt.fileio import write_json_atomic
+from tinygpt.fileio import atomic_write, write_json_atomic
 from tinygpt.safetensors import load_safetensors, save_safetensors
 
 FORMAT = "tinygpt-checkpoint-1"
@@ -95,3 +100,81 @@ def load_checkpoint(out_dir: Path | str) -> tuple[dict[str, np.ndarray], dict]:
         if _crc(arr) != record["crc32"][key]:
             raise ValueError(f"corrupted checkpoint {path}: tensor {key!r} fails its CRC32 check")
     return arrays, record
+
+
+def prepare_run_dir(out_dir: str | None, resume: bool, is_main: bool = True) -> Path | None:
+    """Create `out_dir` and check it is writable, before any time is spent training (the main
+    process only: the others read a checkpoint from it when resuming, and write nothing)."""
+    if out_dir is None:
+        if resume:
+            raise ValueError("resume needs out_dir: the checkpoint to continue lives there")
+        return None
+    out = Path(out_dir)
+    if not is_main:
+        return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".write-test", "wb"):
+            pass
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise _os_error(e, f"output directory {out} is not writable: {e.strerror or e}") from None
+    if not resume and (out / "checkpoint.json").exists():
+        raise ValueError(f"{out} already holds a checkpoint: resume it (--resume), or choose "
+                         "another output directory")
+    return out
+
+
+def _os_error(e: OSError, msg: str) -> OSError:
+    """An OSError with e's errno but our message (str() would prefix "[Errno N]")."""
+    new = OSError(msg)
+    new.errno = e.errno
+    return new
+
+
+LOG_COLUMNS = ("step", "epoch", "tokens_seen", "lr", "train_loss", "val_loss", "train_ppl",
+               "val_ppl")
+
+
+def write_log(evals: list[dict], out: Path) -> None:
+    """`log.csv` (always) and `loss.png` (when matplotlib is installed) from the eval rows; the
+    metrics' columns follow the fixed ones."""
+    columns = [*LOG_COLUMNS, *(k for k in evals[0] if k not in LOG_COLUMNS)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in columns} for row in evals)
+    try:
+        with atomic_write(out / "log.csv", "w") as f:
+            f.write(buf.getvalue())
+        plot_losses(evals, out / "loss.png")
+    except OSError as e:                        # e.g. a full disk: say which file, keep the errno
+        raise OSError(e.errno, f"cannot write the training log in {out}: {e.strerror}") from e
+
+
+def plot_losses(evals: list[dict], path: Path) -> bool:
+    """Train and val loss against steps (bottom axis) and tokens seen (top), as in the book's
+    figure 5.12. Returns False, silently, without matplotlib (the optional `plot` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [r["step"] for r in evals]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["train_loss"] for r in evals], label="train")
+    ax.plot(steps, [r["val_loss"] for r in evals], linestyle="-.", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    top = ax.twiny()                              # same curve against tokens seen
+    top.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals], alpha=0)
+    top.set_xlabel("tokens seen")
+    fig.tight_layout()
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
+    return True

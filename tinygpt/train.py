@@ -28,8 +28,6 @@ never changes which batches training sees.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -40,8 +38,8 @@ import numpy as np
 
 from tinygpt import runtime
 from tinygpt.autograd import Tensor, no_grad
-from tinygpt.checkpoint import load_checkpoint, read_record, save_checkpoint
-from tinygpt.fileio import atomic_write
+from tinygpt.checkpoint import (load_checkpoint, prepare_run_dir, read_record, save_checkpoint,
+                                write_log)
 from tinygpt.optim import SGD, AdamW, clip_coef, global_grad_norm, lr_at
 
 Batch = Any                                  # (x, y) arrays, or any structure the loss_fn takes
@@ -292,7 +290,7 @@ def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
     Raises TrainingDiverged on a NaN/inf loss or gradient, before that step's update.
     """
     runtime.keep_freed_memory()          # reuse activation memory between steps: see runtime.py
-    out = _prepare_out_dir(cfg.out_dir, resume, is_main)
+    out = prepare_run_dir(cfg.out_dir, resume, is_main)
     optimizer = make_optimizer(model, cfg)
     max_steps = _total_steps(train_data, cfg)
     model_config = _model_config(model)
@@ -302,7 +300,10 @@ def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
                extra or {}, model_config, is_main)
     eval_sets = {"train": train_data if train_eval_data is None else train_eval_data,
                  "val": val_data}
-    evaluate_now = lambda: run.evaluate(eval_sets, loss_fn, metrics or {}, tokenizer, on_eval)
+
+    def evaluate_now() -> None:
+        run.evaluate(eval_sets, loss_fn, metrics or {}, tokenizer, on_eval)
+
     batches = cursor.batches(train_data)
     start = time.perf_counter()
     model.train()
@@ -319,12 +320,8 @@ def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
                                             grad_hook=grad_hook, count_tokens=count_tokens)
             except TrainingDiverged as e:
                 run.diverged(str(e))
-            result.step += 1
-            result.tokens_seen += n_tokens
-            result.steps.append(result.step)
-            result.losses.append(loss)
             now = time.perf_counter()
-            run.bar_update(loss, optimizer.lr, n_tokens / (now - step_start))
+            run.record_step(loss, n_tokens, now - step_start)
             done = (result.step >= max_steps
                     or bool(cfg.max_seconds) and now - start >= cfg.max_seconds)
             if result.step % cfg.eval_freq == 0 or done:
@@ -335,36 +332,6 @@ def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
         run.close()
         result.seconds = time.perf_counter() - start
     return result
-
-
-def _prepare_out_dir(out_dir: str | None, resume: bool, is_main: bool = True) -> Path | None:
-    """Create `out_dir` and check it is writable, before any time is spent training (the main
-    process only: the others read a checkpoint from it when resuming, and write nothing)."""
-    if out_dir is None:
-        if resume:
-            raise ValueError("resume needs out_dir: the checkpoint to continue lives there")
-        return None
-    out = Path(out_dir)
-    if not is_main:
-        return out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".write-test", "wb"):
-            pass
-        (out / ".write-test").unlink()
-    except OSError as e:
-        raise _os_error(e, f"output directory {out} is not writable: {e.strerror or e}") from None
-    if not resume and (out / "checkpoint.json").exists():
-        raise ValueError(f"{out} already holds a checkpoint: resume it (--resume), or choose "
-                         "another output directory")
-    return out
-
-
-def _os_error(e: OSError, msg: str) -> OSError:
-    """An OSError with e's errno but our message (str() would prefix "[Errno N]")."""
-    new = OSError(msg)
-    new.errno = e.errno
-    return new
 
 
 def _config_diff(saved: dict, current: dict, skip: tuple[str, ...] = ()) -> list[str]:
@@ -426,9 +393,15 @@ class _Run:
             with self.bar.external_write_mode():
                 self.log(msg)
 
-    def bar_update(self, loss: float, lr: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
-                                 f"{self.bar_metrics}", refresh=False)
+    def record_step(self, loss: float, n_tokens: int, seconds: float) -> None:
+        r = self.result
+        r.step += 1
+        r.tokens_seen += n_tokens
+        r.steps.append(r.step)
+        r.losses.append(loss)
+        self.bar.set_postfix_str(f"loss {loss:.3f} lr {self.optimizer.lr:.2e} "
+                                 f"{n_tokens / seconds:,.0f} tok/s{self.bar_metrics}",
+                                 refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
@@ -497,51 +470,3 @@ def sample_text(model, tokenizer, cfg: TrainConfig) -> str:
     ids = np.asarray(tokenizer.encode(cfg.start_context), dtype=np.int64)[None, :]
     out = generate(model, ids, cfg.sample_tokens)
     return tokenizer.decode(out[0].tolist()).replace("\n", " ")
-
-
-LOG_COLUMNS = ("step", "epoch", "tokens_seen", "lr", "train_loss", "val_loss", "train_ppl",
-               "val_ppl")
-
-
-def write_log(evals: list[dict], out: Path) -> None:
-    """`log.csv` (always) and `loss.png` (when matplotlib is installed) from the eval rows; the
-    metrics' columns follow the fixed ones."""
-    columns = [*LOG_COLUMNS, *(k for k in evals[0] if k not in LOG_COLUMNS)]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: row[k] for k in columns} for row in evals)
-    try:
-        with atomic_write(out / "log.csv", "w") as f:
-            f.write(buf.getvalue())
-        plot_losses(evals, out / "loss.png")
-    except OSError as e:                        # e.g. a full disk: say which file, keep the errno
-        raise OSError(e.errno, f"cannot write the training log in {out}: {e.strerror}") from e
-
-
-def plot_losses(evals: list[dict], path: Path) -> bool:
-    """Train and val loss against steps (bottom axis) and tokens seen (top), as in the book's
-    figure 5.12. Returns False, silently, without matplotlib (the optional `plot` extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    steps = [r["step"] for r in evals]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["train_loss"] for r in evals], label="train")
-    ax.plot(steps, [r["val_loss"] for r in evals], linestyle="-.", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    top = ax.twiny()                              # same curve against tokens seen
-    top.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals], alpha=0)
-    top.set_xlabel("tokens seen")
-    fig.tight_layout()
-    try:
-        with atomic_write(path) as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
-    return True
