@@ -64,7 +64,7 @@ class Unreachable(DownloadError):
 
 
 class ModelNotFound(FileNotFoundError, ValueError):
-    """`--model` names neither a model directory nor a GPT-2 model."""
+    """A path or name that is neither a model directory nor a GPT-2 model name."""
 
 
 class _Interrupted(Exception):
