@@ -118,7 +118,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, object], dict[str, GGU
 
 
 def dequantize(tensor: GGUFTensor) -> np.ndarray:
-    """The tensor's weights as a new float32 array of its shape (one pass over its bytes)."""
+    """The tensor's weights as a new float32 array of its shape, in one pass over its bytes.
+
+    Each call decodes again: a loader calls it once per tensor and keeps the result.
+    """
     return quant.dequantize(tensor.data, tensor.ggml_type).reshape(tensor.shape)
 
 
