@@ -246,7 +246,10 @@ def test_empty_and_tiny_files(tmp_path_factory):
 
 
 def test_truncated_at_every_cut_point(tmp_path_factory):
-    for cut in range(len(SMALL)):
+    _, tensors = read_gguf(write(tmp_path_factory, SMALL))
+    data_start = min(t.offset for t in tensors.values())
+    # every byte of the header; in the data section one cut in 8 (they all fail the same check)
+    for cut in [*range(data_start), *range(data_start, len(SMALL), 8)]:
         assert_error(write(tmp_path_factory, SMALL[:cut]), r"GGUF|truncated")
 
 
