@@ -46,8 +46,8 @@ def gguf_metadata(state: dict) -> dict:
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
             "tokenizer.ggml.tokens": sorted(vocab, key=vocab.get),
             "tokenizer.ggml.merges": [" ".join(pair) for pair in state["model"]["merges"]],
-            "tokenizer.ggml.token_type": [GGUF_CONTROL if i in added else 1
-                                          for i in range(len(vocab))],
+            "tokenizer.ggml.token_type": np.array([GGUF_CONTROL if i in added else 1
+                                                   for i in range(len(vocab))], dtype=np.int32),
             "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 2}
 
 
@@ -102,6 +102,18 @@ def test_chat_prompt_text_and_ids(tok, gguf_tok, meta, expected):
     assert tok.encode(prompt) == gguf_tok.encode(prompt) == expected["chat0_ids"].tolist()
     reply = expected["chat0_greedy40"].tolist()
     assert tok.decode(reply) == meta["chat0"]["reply"] and reply[-1] == tok.eos_id == 2
+
+
+def test_the_real_gguf_file(meta, expected):
+    gguf = pytest.importorskip("tinygpt.gguf")  # the reader lives there; this class needs none
+    if not (FIXTURE / "model.gguf").is_file():
+        pytest.skip(f"{FIXTURE / 'model.gguf'} not found")
+    metadata, _ = gguf.read_gguf(FIXTURE / "model.gguf")
+    t = HFTokenizer.from_gguf_metadata(metadata, source="model.gguf")
+    assert t.pre == "smollm" and t.eos_id == 2 and len(t.special_tokens) == 17
+    assert t.encode(meta["texts"][1]) == expected["text1_ids"].tolist()
+    prompt = apply_chat_template([{"role": "user", "content": meta["chat0"]["question"]}])
+    assert t.encode(prompt) == expected["chat0_ids"].tolist()
 
 
 def test_sizes_and_ids(tok, gguf_tok):
@@ -205,6 +217,16 @@ def test_chat_template_turns():
     assert apply_chat_template([]) == "<|im_start|>assistant\n"  # as the jinja template renders
     with pytest.raises(ValueError, match="message 1 needs"):
         apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "user"}])
+
+
+def test_same_prompt_as_the_finetune_templates():
+    # two definitions of one format until one imports the other: they must not drift apart
+    templates = pytest.importorskip("tinygpt.finetune.templates")
+    for messages in ([{"role": "user", "content": "Hi"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}]):
+        for add in (True, False):
+            assert apply_chat_template(messages, add) == templates.chatml(messages, add)
 
 
 # --- tiny tokenizers: when tiktoken's rule is not Hugging Face's ---------------------------------

@@ -131,9 +131,12 @@ class HFTokenizer:
             raise ValueError(f"{source}: tokenizer.ggml.model is {model!r}, not 'gpt2' "
                              "(byte-level BPE)")
         tokens, merges = (metadata.get(f"tokenizer.ggml.{k}") for k in ("tokens", "merges"))
-        if not isinstance(tokens, list) or not isinstance(merges, list):
+        if not isinstance(tokens, (list, tuple)) or not isinstance(merges, (list, tuple)):
             raise ValueError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
-        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        types = metadata.get("tokenizer.ggml.token_type")  # a NumPy array from gguf.py
+        types = [1] * len(tokens) if types is None else [int(t) for t in types]
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
         specials = {tokens[i]: i for i, t in enumerate(types)
                     if t in (GGUF_CONTROL, GGUF_USER_DEFINED)}
         return cls(tokens, merges, specials, str(metadata.get("tokenizer.ggml.pre", "gpt2")),
