@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from tinygpt import kernels
-from tinygpt.autograd import Context, Function
+from tinygpt import decode_kernels, kernels
+from tinygpt.autograd import Context, Function, is_grad_enabled
 
 class GELU(Function):
     """GPT-2's tanh GELU: y = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Kernel: gelu_*."""
@@ -282,6 +282,11 @@ def _self_attention(ctx: Context, q, k, v, cache, layer: int, rope) -> np.ndarra
         ctx.rope = (cos, sin)
     if cache is not None:
         k, v = cache.append(layer, k, v)                               # (B, KV, Tk, HS)
+        if T == 1 and q.dtype == np.float32 and not is_grad_enabled():   # read it in place
+            ctx.cached = True
+            return decode_kernels.attend_one(np.ascontiguousarray(q[:, :, 0]),
+                                             cache.k[layer], cache.v[layer],
+                                             k.shape[2]).reshape(q.shape[0], 1, NH * q.shape[3])
     if NH != KV:                                  # query head h reads key/value head h // group
         k, v = np.repeat(k, NH // KV, axis=1), np.repeat(v, NH // KV, axis=1)
     y, ctx.attn = _attend(q, k, v)

@@ -227,10 +227,8 @@ class Llama(CausalLM):
     def norm_f(self, x: Tensor) -> Tensor:
         return self.model.norm(x)
 
-    def head_weight(self) -> Tensor:
-        if self.lm_head is None:
-            return F.transpose(self.model.embed_tokens.weight)
-        return self.lm_head.weight
+    def tied_embedding(self) -> Embedding | None:
+        return self.model.embed_tokens if self.lm_head is None else None
 
     def astype(self, dtype) -> Llama:
         super().astype(dtype)

@@ -90,8 +90,10 @@ def _gguf_name(name: str) -> str | None:
     return GGUF_NAMES.get(name)
 
 
-def load_gguf(path: str | os.PathLike) -> Llama:
-    """A Llama with the weights of a GGUF file, each dequantized to float32 once."""
+def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> Llama:
+    """A Llama with the weights of a GGUF file, each dequantized to float32 once; or, with
+    `keep_quantized`, packed for generation (`inference.PackedWeight.from_gguf`: Q8_0 and Q4_1
+    blocks stay quantized), a model that generates but does not train."""
     from tinygpt.gguf import dequantize, read_gguf
     path = Path(path)
     metadata, tensors = read_gguf(path)
@@ -108,12 +110,27 @@ def load_gguf(path: str | os.PathLike) -> Llama:
         mapped[ours] = t
     _check_fit(path, params, {n: _our_shape(n, t.shape) for n, t in mapped.items()})
     for ours, t in mapped.items():
+        heads = {"q_proj.weight": cfg.n_head, "k_proj.weight": cfg.n_kv_head}.get(
+            ours.rpartition("self_attn.")[2])
+        if keep_quantized and len(t.shape) == 2:
+            _pack_gguf_tensor(model, ours, t, heads)
+            continue
         w = dequantize(t)                                     # (out, in) rows, or a vector
-        if ours.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.n_head if ours.endswith("q_proj.weight") else cfg.n_kv_head
+        if heads is not None:
             w = _unpermute(w, heads)
         params[ours].data = _to_ours(ours, w)
-    return model
+    return model.eval() if keep_quantized else model
+
+
+def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None) -> None:
+    """Put tensor `t`, packed (out, in) and still quantized, in the place of parameter `name`."""
+    from tinygpt.inference import PackedWeight
+    packed = PackedWeight.from_gguf(t)
+    if heads is not None:                              # llama.cpp's q/k row order, undone
+        order = _unpermute(np.arange(t.shape[0])[:, None], heads)[:, 0]
+        packed = PackedWeight(packed.kind, tuple(a[order] for a in packed.arrays))
+    module = model.get_submodule(name.rpartition(".")[0])
+    module.packed, module.weight = packed, None
 
 
 def _is_matrix_of_linear(name: str) -> bool:

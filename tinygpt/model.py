@@ -19,7 +19,7 @@ import numpy as np
 from tinygpt import functional as F
 from tinygpt.autograd import Tensor
 from tinygpt.nn import (CausalSelfAttention, Dropout, Embedding, KVCache, LayerNorm, Linear, MLP,
-                        Module)
+                        Module, packed_product)
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,8 @@ class CausalLM(Module):
 
     A subclass (GPT, `llama.Llama`) builds its layers under its checkpoint's own names and says
     how to embed tokens (`embed`), which blocks to run (`blocks`), the final norm (`norm_f`) and
-    the head (`head_weight`); the forward pass, the loss, the KV cache and the checks live here
-    once. `config` has `vocab_size`, `block_size`, `n_layer`, `n_kv_head` and `head_size`.
+    whether the head is tied (`tied_embedding`); the forward pass, the loss, the KV cache and
+    the checks live here once. `config` has `vocab_size`, `block_size`, `n_layer`, `n_kv_head` and `head_size`.
     """
 
     config: Any
@@ -114,7 +114,8 @@ class CausalLM(Module):
 
     def head_weight(self) -> Tensor:
         """The (C, V) matrix that maps the final hidden state to logits."""
-        raise NotImplementedError
+        tied = self.tied_embedding()
+        return F.transpose(tied.weight) if tied is not None else self.lm_head.weight
 
     def hidden(self, idx: np.ndarray, cache: KVCache | None = None) -> Tensor:
         """The residual stream after the final norm: (B, T, C)."""
@@ -136,14 +137,28 @@ class CausalLM(Module):
         x = self.hidden(idx, cache)
         if cache is not None:
             x = x[:, -1:, :]                  # generation needs the next token only
-        logits = F.linear(x, self.head_weight())                         # (B, T, V)
+        logits = self.logits(x)                                          # (B, T, V)
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits, targets)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """Hidden states (B, T, C) -> logits (B, T, V); a tied head packed for generation reads
+        the packed embedding rows (V, C) directly."""
+        tied = self.tied_embedding()
+        if tied is None:
+            return self.lm_head(x)                  # a Linear (C, V) of its own, maybe packed
+        if tied.packed is not None:
+            return packed_product(tied.packed, x, None)
+        return F.linear(x, F.transpose(tied.weight))
+
+    def tied_embedding(self) -> Embedding | None:
+        """The Embedding whose table is also the head, or None when the head is `lm_head`."""
+        raise NotImplementedError
+
     def new_cache(self, batch: int = 1) -> KVCache:
         cfg = self.config
-        dtype = next(iter(self.parameters())).dtype
+        dtype = np.float32 if not self.parameters() else self.parameters()[0].dtype
         return KVCache(cfg.n_layer, batch, cfg.n_kv_head, cfg.block_size, cfg.head_size, dtype)
 
     def astype(self, dtype) -> CausalLM:
@@ -187,8 +202,8 @@ class GPT(CausalLM):
     def norm_f(self, x: Tensor) -> Tensor:
         return self.ln_f(x)
 
-    def head_weight(self) -> Tensor:
-        return F.transpose(self.wte.weight) if self.lm_head is None else self.lm_head.weight
+    def tied_embedding(self) -> Embedding | None:
+        return self.wte if self.lm_head is None else None
 
 
 def check_token_ids(idx: np.ndarray, vocab_size: int, what: str = "token ids") -> np.ndarray:

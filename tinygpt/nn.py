@@ -161,6 +161,16 @@ class Module:
                 p.data = np.array(array, dtype=p.dtype, order="C")    # own, aligned copy
 
 
+def packed_product(packed: Any, x: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ W + b through a packed weight's kernel: generation only, so no graph is recorded."""
+    if is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("a model packed for inference cannot be trained: load it unpacked")
+    y = packed.matmul(x.data.reshape(-1, x.shape[-1]))
+    if bias is not None:
+        y += bias.data
+    return Tensor(y.reshape(*x.shape[:-1], y.shape[-1]))
+
+
 def _child(obj: Any, part: str, path: str) -> Any:
     """One step of a dotted path: an attribute of a module, or an index into a list of them."""
     if isinstance(obj, (list, tuple)) and part.isdigit() and int(part) < len(obj):
@@ -189,7 +199,13 @@ def _normal(rng: np.random.Generator | None, shape: tuple[int, ...], std: float)
 
 
 class Linear(Module):
-    """y = x @ weight + bias, weight stored (in_features, out_features) as in GPT-2's Conv1D."""
+    """y = x @ weight + bias, weight stored (in_features, out_features) as in GPT-2's Conv1D.
+
+    For generation, `inference.pack_for_inference` may replace `weight` by `packed`, the same
+    matrix held (out, in) as float32, int8 or 4-bit for the memory-bound decode kernels.
+    """
+
+    packed = None
 
     def __init__(self, in_features: int, out_features: int, rng: np.random.Generator | None,
                  bias: bool = True, std: float = 0.02):
@@ -197,18 +213,25 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(out_features, np.float32)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return packed_product(self.packed, x, self.bias)
 
 
 class Embedding(Module):
-    """Rows of a (num_embeddings, embedding_dim) table, looked up by integer ids."""
+    """Rows of a (num_embeddings, embedding_dim) table, looked up by integer ids (or, packed for
+    generation, dequantized from `packed`)."""
+
+    packed = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rng: np.random.Generator | None,
                  std: float = 0.02):
         self.weight = _normal(rng, (num_embeddings, embedding_dim), std)
 
     def forward(self, idx: np.ndarray) -> Tensor:
-        return F.embedding(self.weight, idx)
+        if self.packed is None:
+            return F.embedding(self.weight, idx)
+        return Tensor(self.packed.rows(idx))
 
 
 class LayerNorm(Module):

@@ -1,0 +1,125 @@
+"""Generation mode: the decode kernels against their twins and the format's definition, and packed
+models (float32 rows, int8, kept-quantized GGUF) against the unpacked model they came from."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tinygpt import GPT, GPTConfig, no_grad
+from tinygpt import decode_kernels as dk
+from tinygpt.generate import generate
+from tinygpt.inference import PackedWeight, pack_for_inference, packed_bytes
+from tinygpt.llama import Llama, LlamaConfig
+from tests.conftest import TWIN32_ATOL, TWIN32_RTOL
+
+dims = st.integers(1, 4)
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+@given(M=dims, O=st.integers(1, 40), groups=st.integers(1, 3), seed=st.integers(0, 999))
+def test_matvec_kernels_agree_with_twins_and_definition(M, O, groups, seed):
+    rng = _rng(seed)
+    I = 32 * groups
+    x = rng.standard_normal((M, I)).astype(np.float32)
+    w = rng.standard_normal((O, I)).astype(np.float32)
+    np.testing.assert_allclose(dk.matvec_f32_numba(w, x), x @ w.T, rtol=TWIN32_RTOL, atol=1e-5)
+    np.testing.assert_allclose(dk.matvec_f32_ref(w, x), x @ w.T, rtol=TWIN32_RTOL, atol=1e-5)
+    for group in (None, 32):
+        q, scale = dk.quantize_int8(w, group)
+        G = I if group is None else group
+        definition = (q.astype(np.float64).reshape(O, -1, G) * scale[:, :, None]).reshape(O, I)
+        want = x.astype(np.float64) @ definition.T
+        for kernel in (dk.matvec_i8_numba, dk.matvec_i8_ref):
+            np.testing.assert_allclose(kernel(q, scale, x), want, rtol=1e-4, atol=1e-4)
+    codes = rng.integers(0, 256, (O, I // 2), dtype=np.uint8)
+    d, mn = (rng.standard_normal((O, groups)).astype(np.float32) for _ in range(2))
+    # GGUF Q4_1: byte j of a block holds weight j (low nibble) and weight j + 16 (high nibble)
+    c = codes.reshape(O, groups, 16).astype(np.float64)
+    q4 = np.concatenate([c % 16, c // 16], axis=-1)
+    definition = (q4 * d[:, :, None] + mn[:, :, None]).reshape(O, I)
+    want = x.astype(np.float64) @ definition.T
+    for kernel in (dk.matvec_q4_numba, dk.matvec_q4_ref):
+        np.testing.assert_allclose(kernel(codes, d, mn, x), want, rtol=1e-4, atol=1e-3)
+
+
+@given(B=st.integers(1, 2), KV=st.integers(1, 3), group=st.integers(1, 3),
+       length=st.integers(1, 9), seed=st.integers(0, 999))
+def test_attend_one_reads_the_cache_in_place(B, KV, group, length, seed):
+    rng = _rng(seed)
+    NH, HS, capacity = KV * group, 8, 12
+    q = rng.standard_normal((B, NH, HS)).astype(np.float32)
+    k, v = (rng.standard_normal((B, KV, capacity, HS)).astype(np.float32) for _ in range(2))
+    want = dk.attend_one_ref(q, k, v, length)
+    np.testing.assert_allclose(dk.attend_one_numba(q, k, v, length), want, rtol=TWIN32_RTOL,
+                               atol=TWIN32_ATOL)
+    k[:, :, length:] = np.nan                       # positions past the length are never read
+    assert np.isfinite(dk.attend_one_numba(q, k, v, length)).all()
+
+
+def test_int8_quantization_error_is_bounded_by_half_a_step():
+    w = _rng(0).standard_normal((16, 64)).astype(np.float32)
+    q, scale = dk.quantize_int8(w, 32)
+    back = (q.reshape(16, 2, 32) * scale[:, :, None]).reshape(16, 64)
+    assert np.all(np.abs(back - w) <= scale.repeat(32, axis=1) / 2 + 1e-7)
+    assert np.abs(q).max() == 127
+
+
+def _tiny_gpt(**overrides):
+    cfg = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, qkv_bias=True,
+                    **overrides)
+    return GPT(cfg, seed=1)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_packed_float32_gpt_generates_the_same_tokens(tie):
+    model, packed = _tiny_gpt(tie_weights=tie), _tiny_gpt(tie_weights=tie)
+    pack_for_inference(packed)
+    assert packed.h[0].attn.c_attn.weight is None and packed.h[0].attn.c_attn.packed.kind == "f32"
+    prompt = np.array([[3, 1, 4, 1, 5]])
+    with no_grad():
+        np.testing.assert_allclose(packed(prompt).data, model(prompt).data, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(generate(packed, prompt, 20), generate(model, prompt, 20))
+
+
+def test_int8_gpt_is_close_and_four_times_smaller():
+    model, packed = _tiny_gpt(tie_weights=True), _tiny_gpt(tie_weights=True)
+    pack_for_inference(packed, "int8")
+    prompt = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with no_grad():
+        a, b = model(prompt).data, packed(prompt).data
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    matrices = sum(p.data.nbytes for n, p in model.named_parameters() if p.ndim == 2)
+    others = sum(p.data.nbytes for n, p in model.named_parameters() if p.ndim != 2)
+    assert packed_bytes(packed) - others < 0.3 * matrices
+
+
+def test_a_packed_model_refuses_to_train():
+    packed = pack_for_inference(_tiny_gpt())
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        PackedWeight.from_rows(np.zeros((2, 2)), "int4")
+    assert packed.h[0].mlp.c_fc.weight is None
+    assert all(p.ndim == 1 for p in packed.parameters())          # only norms and biases left
+
+
+def test_packed_llama_with_gqa_matches_unpacked():
+    cfg = LlamaConfig(vocab_size=40, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                      n_inner=64)
+    model, packed = Llama(cfg, seed=2), pack_for_inference(Llama(cfg, seed=2))
+    prompt = np.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(generate(packed, prompt, 12), generate(model, prompt, 12))
+
+
+def test_kept_quantized_smollm2_decodes_like_transformers(shared):
+    from tinygpt.llama_weights import load_gguf
+    path = shared / "fixtures" / "smollm2-135m-instruct" / "model.gguf"
+    expected = np.load(path.parent / "expected.npz")
+    model = load_gguf(path, keep_quantized=True)
+    assert packed_bytes(model) < 120e6                   # 98 MB file, not 540 MB of float32
+    with no_grad():
+        logits = model(expected["prompt0_ids"][None]).data[0]
+    np.testing.assert_allclose(logits, expected["prompt0_logits"], rtol=1e-4, atol=1e-4)
+    out = generate(model, expected["prompt0_ids"][None], 20)
+    np.testing.assert_array_equal(out[0, -20:], expected["prompt0_greedy20"])

@@ -1,0 +1,180 @@
+"""Kernels for generation, where each token reads every weight once: memory-bound loops.
+
+Training multiplies many tokens by each weight, so BLAS on the (in, out) layout wins. Decoding one
+token is a matrix-vector product per layer, and its speed is how fast the weights stream from
+memory. These loops read a *row-per-output* layout, W: (out, in), so each output is one contiguous
+dot product (`prange` over rows, `fastmath` so the dot vectorises), and weights may be smaller:
+
+    float32          y[m, o] = sum_i W[o, i] x[m, i]
+    int8 groups      y[m, o] = sum_g s[o, g] sum_{i in g} q[o, i] x[m, i]      (group 32 or a row)
+    4-bit (Q4_1)     w = d * code + mn per group of 32 (codes packed two per byte, GGUF's order)
+
+and the attention of the newest query over the KV cache, read in place (no slice copies, key/value
+heads shared by query groups). M (the rows of x) is small in decoding (1) and prefill (the prompt):
+each weight row is loaded once and used for all M rows. Every kernel has a NumPy twin `*_ref`, and
+`TINYGPT_NUMBA=0` uses the twins, as in `kernels.py`.
+
+    python -m pytest tests/test_decode.py -q
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from tinygpt.kernels import USE_NUMBA
+
+GROUP = 32                           # weights per quantization group (GGUF's block size)
+
+
+# --- NumPy twins ----------------------------------------------------------------------------------
+
+def matvec_f32_ref(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """w: (O, I) float32, x: (M, I) -> (M, O)."""
+    return (x @ w.T).astype(np.float32, copy=False)
+
+
+def matvec_i8_ref(q: np.ndarray, scale: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """q: (O, I) int8, scale: (O, I // G) float32 (G = I for one scale per row), x: (M, I)."""
+    O, I = q.shape
+    G = I // scale.shape[1]
+    w = (q.reshape(O, -1, G).astype(np.float32) * scale[:, :, None]).reshape(O, I)
+    return x @ w.T
+
+
+def matvec_q4_ref(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """codes: (O, I // 2) uint8, two 4-bit codes per byte in GGUF's Q4_1 order (byte j of a group
+    holds weight j in its low nibble and weight j + 16 in its high one); d, mn: (O, I // 32)."""
+    O = codes.shape[0]
+    c = codes.reshape(O, -1, GROUP // 2)
+    q = np.concatenate([c & 0x0F, c >> 4], axis=-1).astype(np.float32)       # (O, I/32, 32)
+    w = (q * d[:, :, None] + mn[:, :, None]).reshape(O, -1)
+    return x @ w.T
+
+
+def attend_one_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int) -> np.ndarray:
+    """The newest query over the cache.   q: (B, NH, HS), k, v: (B, KV, capacity, HS) of which the
+    first `length` positions are filled -> (B, NH, HS); query head h reads key/value head
+    h // (NH / KV). No mask is needed: every cached position is in the query's past."""
+    B, NH, HS = q.shape
+    group = NH // k.shape[1]
+    kk = np.repeat(k[:, :, :length], group, axis=1)                        # (B, NH, L, HS)
+    vv = np.repeat(v[:, :, :length], group, axis=1)
+    s = np.einsum("bhd,bhld->bhl", q, kk) / math.sqrt(HS)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("bhl,bhld->bhd", p, vv).astype(q.dtype, copy=False)
+
+
+# --- numba kernels --------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_f32_numba(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    O, I = w.shape
+    M = x.shape[0]
+    y = np.empty((M, O), np.float32)
+    for o in prange(O):
+        for m in range(M):
+            acc = np.float32(0.0)
+            for i in range(I):
+                acc += w[o, i] * x[m, i]
+            y[m, o] = acc
+    return y
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_i8_numba(q: np.ndarray, scale: np.ndarray, x: np.ndarray) -> np.ndarray:
+    O, I = q.shape
+    n_groups = scale.shape[1]
+    G = I // n_groups
+    M = x.shape[0]
+    y = np.empty((M, O), np.float32)
+    for o in prange(O):
+        for m in range(M):
+            total = np.float32(0.0)
+            for g in range(n_groups):
+                acc = np.float32(0.0)
+                for i in range(g * G, (g + 1) * G):
+                    acc += np.float32(q[o, i]) * x[m, i]
+                total += acc * scale[o, g]
+            y[m, o] = total
+    return y
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def matvec_q4_numba(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, x: np.ndarray) -> np.ndarray:
+    O = codes.shape[0]
+    n_groups = d.shape[1]
+    M = x.shape[0]
+    half = GROUP // 2
+    y = np.empty((M, O), np.float32)
+    for o in prange(O):
+        for m in range(M):
+            total = np.float32(0.0)
+            for g in range(n_groups):
+                acc = np.float32(0.0)               # sum code * x over the group
+                xs = np.float32(0.0)                # sum x over the group (for the offset mn)
+                for j in range(half):
+                    byte = codes[o, g * half + j]
+                    x_lo = x[m, g * GROUP + j]
+                    x_hi = x[m, g * GROUP + j + half]
+                    acc += np.float32(byte & 0x0F) * x_lo + np.float32(byte >> 4) * x_hi
+                    xs += x_lo + x_hi
+                total += d[o, g] * acc + mn[o, g] * xs
+            y[m, o] = total
+    return y
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attend_one_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int) -> np.ndarray:
+    B, NH, HS = q.shape
+    KV = k.shape[1]
+    group = NH // KV
+    scale = np.float32(1.0 / math.sqrt(HS))
+    y = np.empty_like(q)
+    for bh in prange(B * NH):
+        b, h = bh // NH, bh % NH
+        kv = h // group
+        s = np.empty(length, np.float32)
+        best = np.float32(-np.inf)
+        for j in range(length):
+            acc = np.float32(0.0)
+            for c in range(HS):
+                acc += q[b, h, c] * k[b, kv, j, c]
+            s[j] = acc * scale
+            best = max(best, s[j])
+        total = np.float32(0.0)
+        for j in range(length):
+            s[j] = np.exp(s[j] - best)
+            total += s[j]
+        for c in range(HS):
+            y[b, h, c] = 0.0
+        for j in range(length):
+            p = s[j] / total
+            for c in range(HS):
+                y[b, h, c] += p * v[b, kv, j, c]
+    return y
+
+
+_pick = (lambda fast, ref: fast) if USE_NUMBA else (lambda fast, ref: ref)
+matvec_f32 = _pick(matvec_f32_numba, matvec_f32_ref)
+matvec_i8 = _pick(matvec_i8_numba, matvec_i8_ref)
+matvec_q4 = _pick(matvec_q4_numba, matvec_q4_ref)
+attend_one = _pick(attend_one_numba, attend_one_ref)
+
+
+# --- quantizing a float32 (in, out) weight into a packed (out, in) one ------------------------------
+
+def quantize_int8(w_out_in: np.ndarray, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one float32 scale per row (group=None) or per `group` weights:
+    scale = max |w| / 127 over the group, q = round(w / scale).   (O, I) -> q (O, I), scale."""
+    O, I = w_out_in.shape
+    G = I if group is None else group
+    if I % G:
+        raise ValueError(f"quantize_int8: row length {I} is not a multiple of the group {G}")
+    g = w_out_in.reshape(O, I // G, G)
+    scale = np.abs(g).max(axis=-1) / 127.0                                  # (O, I/G)
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint(g / safe[:, :, None]), -127, 127).astype(np.int8).reshape(O, I)
+    return q, scale.astype(np.float32)
