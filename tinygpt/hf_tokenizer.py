@@ -35,6 +35,7 @@ U+16FF4-U+16FF6): tiktoken does not count them as numbers, so "smollm" does not 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -172,6 +173,7 @@ class HFTokenizer:
         return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Ids -> the bytes of their tokens (an added token gives its text in UTF-8)."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self._n_vocab]
         if bad:
@@ -212,7 +214,7 @@ class HFTokenizer:
         (ties: leftmost). Bytes with no token of their own are dropped first."""
         parts = [word[i:i + 1] for i in range(len(word)) if word[i:i + 1] in self.ranks]
         while len(parts) > 1:
-            best_i, best = -1, len(self.merge_priority)
+            best_i, best = -1, math.inf
             for i in range(len(parts) - 1):
                 priority = self.merge_priority.get((parts[i], parts[i + 1]), best)
                 if priority < best:
@@ -242,7 +244,7 @@ def _tiktoken_rule_is_exact(ranks: dict[bytes, int],
     for token in ranks:
         parts = [token[i:i + 1] for i in range(len(token))]
         while len(parts) > 1:
-            best_i, best = -1, len(ranks) + 256
+            best_i, best = -1, math.inf
             for i in range(len(parts) - 1):
                 rank = ranks.get(parts[i] + parts[i + 1], best)
                 if rank < best:
