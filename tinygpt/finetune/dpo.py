@@ -229,7 +229,9 @@ def model_logprobs(model, ids: np.ndarray, mask: np.ndarray, reduction: str = "m
     49,152 or 50,257 wide) is the largest matmul and the largest activation of the forward."""
     t0 = int(np.argmax(mask[:, 1:].any(axis=0)))          # first position that predicts a score
     h = model.hidden(ids)[:, t0:]                                        # (N, T - t0, C)
-    logits = F.linear(h, model.head_weight())                            # (N, T - t0, V)
+    # NOTE: the head as the model's own forward applies it (a LoRA head included)
+    head = getattr(model, "logits", None)
+    logits = head(h) if head is not None else F.linear(h, model.head_weight())   # (N, T-t0, V)
     return sequence_logprobs(logits, ids[:, t0:], mask[:, t0:], reduction)
 
 
