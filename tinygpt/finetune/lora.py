@@ -1,0 +1,330 @@
+"""LoRA (Hu et al. 2021; the book's appendix E): train a low-rank correction beside frozen weights.
+
+A Linear's output y = x @ W + b gets a trainable detour through rank r:
+
+    y = x @ W + b + (alpha / r) * (x @ A) @ B        A: (in, r), B: (r, out), W: (in, out) frozen
+
+A is drawn like PyTorch's Kaiming-uniform with a = sqrt(5) on the fan-in r (bound 1/sqrt(r),
+as `kaiming_uniform_` treats the (in, r) tensor of the book's LoRALayer) and B starts at zero, so
+before any training the model computes exactly what the base model does. Scaling by alpha / r is
+the rule the book's repository uses today (the printed book multiplied by alpha alone).
+
+What this module does to a model:
+- `apply_lora(model, rank, alpha, targets)` freezes every parameter and wraps every Linear (or
+  those whose names match `targets`) in a `LoRALinear`, which keeps the Linear's `weight`/`bias`
+  under their own names, so checkpoints keep GPT-2's tensor names and only `lora_A`/`lora_B` are
+  new. GPT-2's fused `c_attn` computes q, k and v in one matmul; it gets one adapter per part
+  (A (C, 3r) and B (3r, C): three (C, r) @ (r, C) pairs), exactly what the book's three separate
+  Linears W_query, W_key, W_value get, so the parameter counts are the book's.
+- The language-model head of a `CausalLM` is `head_weight()`, a matrix the forward pass multiplies
+  by, not a module it calls. A *tied* head (GPT-2, SmolLM2: the head is the embedding transposed)
+  is untied first: the head gets its own frozen copy of the embedding, so the adapter changes what
+  the model says without changing how it reads (the book's GPTModel has a separate out_head
+  anyway), and a merged model saves as a plain untied hub-layout model. The head's adapter enters
+  through `head_weight()` as W + (alpha/r) A @ B (see `_adapted_head_weight`).
+- `merge(model)` folds (alpha/r) A @ B into each W (generation then costs what the base model
+  costs); `unmerge(model)` subtracts it again (equal up to float32 rounding).
+- `save_adapter` writes only the adapters (`lora.safetensors`, a few MB) and `lora.json` (rank,
+  alpha, targets, the wrapped layers and a fingerprint of the base model); `load_adapter` puts them
+  on a base model and refuses one with another architecture, other weights or another rank.
+
+    python -c "from tinygpt import GPT, GPTConfig; from tinygpt.finetune.lora import apply_lora; \
+print(apply_lora(GPT(GPTConfig.preset('gpt2')), rank=16, alpha=16))"
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import types
+from dataclasses import asdict, is_dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tinygpt import functional as F
+from tinygpt.autograd import Tensor, no_grad
+from tinygpt.fileio import write_json_atomic
+from tinygpt.model import CausalLM
+from tinygpt.nn import Linear, Module, Parameter, shape_mismatches
+from tinygpt.safetensors import load_safetensors, save_safetensors
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "lora.safetensors", "lora.json"
+FORMAT = "tinygpt-lora-1"
+FUSED_PARTS = {"c_attn": 3}      # GPT-2's q, k, v projection: one adapter per part, as the book's
+
+
+class LoRALinear(Module):
+    """A frozen Linear plus (alpha / r) * (x @ A) @ B.   x: (..., in) -> (..., out)
+
+    With `parts` p > 1 the output columns are p equal blocks (GPT-2's q | k | v), each with its
+    own rank-r pair: A holds the p (in, r) matrices side by side (in, p r) and B the p (r, out/p)
+    matrices stacked (p r, out/p); block i of the output gets (x @ A_i) @ B_i.
+    """
+
+    def __init__(self, linear: Linear, rank: int, alpha: float, rng: np.random.Generator,
+                 parts: int = 1):
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a positive number, got {alpha}")
+        n_in, n_out = linear.weight.shape
+        if n_out % parts:
+            raise ValueError(f"a Linear with {n_out} outputs does not split into {parts} parts")
+        self.weight, self.bias = linear.weight, linear.bias          # same tensors, same names
+        self.rank, self.alpha, self.parts = int(rank), float(alpha), int(parts)
+        self.scaling = self.alpha / self.rank
+        dtype = linear.weight.dtype
+        bound = 1.0 / math.sqrt(rank)        # Kaiming-uniform, a = sqrt(5), fan-in r
+        self.lora_A = Parameter(rng.uniform(-bound, bound, (n_in, parts * rank)).astype(dtype))
+        self.lora_B = Parameter(np.zeros((parts * rank, n_out // parts), dtype))
+        self.merged = False
+
+    def _up(self, h: Tensor) -> Tensor:
+        """h (..., p r) -> (..., out): each part's r columns times its own block of B."""
+        if self.parts == 1:
+            return h @ self.lora_B
+        pieces = [hp @ bp for hp, bp in zip(F.split(h, self.parts, axis=-1),
+                                             F.split(self.lora_B, self.parts, axis=0))]
+        return F.concatenate(pieces, axis=-1)
+
+    def delta(self, x: Tensor) -> Tensor:
+        """The adapter's share of the output, (alpha / r) (x @ A) @ B: (..., out). Going through
+        rank r costs (in + out) r per row instead of the in * out of forming A @ B."""
+        return self._up(x @ self.lora_A) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """(alpha / r) A @ B as an (in, out) matrix: what `merge` adds to W."""
+        return self._up(self.lora_A) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)                          # (..., out)
+        return y if self.merged else y + self.delta(x)
+
+    def merge(self) -> None:
+        if not self.merged:
+            with no_grad():
+                self.weight.data = self.weight.data + self.delta_weight().data
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            with no_grad():
+                self.weight.data = self.weight.data - self.delta_weight().data
+            self.merged = False
+
+
+# --- putting adapters into a model --------------------------------------------------------------
+
+def _matches(name: str, targets: Sequence[str] | None) -> bool:
+    """A target is a run of whole parts of the dotted name (`c_attn`, `mlp.c_proj`, `attn` for
+    every Linear under an `attn`, `h.0`) or a glob over the full name (`h.1?.*`)."""
+    if targets is None:
+        return True
+    return any(f".{t}." in f".{name}." or fnmatch.fnmatchcase(name, t) for t in targets)
+
+
+def _linears(model: Module) -> list[tuple[str, Module]]:
+    """(dotted name, module) of every Linear and LoRALinear, in parameter order."""
+    found, stack = [], [("", model)]
+    while stack:
+        path, module = stack.pop(0)
+        if isinstance(module, (Linear, LoRALinear)) and path:
+            found.append((path, module))
+            continue
+        stack[:0] = [(f"{path}.{n}" if path else n, child) for n, child in module.named_children()]
+    return found
+
+
+def _untie_head(model: CausalLM) -> None:
+    """Give a tied head its own frozen (C, V) copy of the embedding, so it can take an adapter."""
+    W = model.head_weight().data                                           # (C, V)
+    head = Linear(W.shape[0], W.shape[1], None, bias=False)
+    head.weight.data = np.ascontiguousarray(W)
+    model.lm_head = head
+    model.config = replace(model.config, tie_weights=False)
+
+
+def _adapted_head_weight(model: CausalLM) -> Tensor:
+    """head_weight() of a model whose lm_head is a LoRALinear: W + (alpha/r) A @ B.
+
+    NOTE: CausalLM.forward multiplies by head_weight() instead of calling lm_head, so the head's
+    adapter is folded into the matrix here (an (C, V) product per forward; merge before long
+    generations to make it free). Set as an instance attribute by apply_lora."""
+    head = model.lm_head
+    return head.weight if head.merged else head.weight + head.delta_weight()
+
+
+def apply_lora(model: Module, rank: int, alpha: float, targets: Sequence[str] | None = None,
+               rng: np.random.Generator | int = 0) -> int:
+    """Freeze `model` and wrap its Linears (all, or those matching `targets`) in LoRALinear.
+
+    `targets` are module names as in `named_parameters` without `.weight`: whole dotted parts
+    (`c_attn`, `mlp.c_proj`, `attn`, `h.11`, `lm_head`) or globs (`h.1?.*`); each must match at
+    least one Linear. When `model` is a CausalLM, its head counts as a Linear named `lm_head`
+    (tied heads are untied first, see the module docstring). `rng` (a Generator or a seed) draws
+    every A. Returns the number of trainable parameters afterwards (the adapters' size).
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    is_lm = isinstance(model, CausalLM)
+    if is_lm and model.lm_head is None and _matches("lm_head", targets):
+        _untie_head(model)
+    linears = _linears(model)
+    if any(isinstance(m, LoRALinear) for _, m in linears):
+        raise ValueError("the model already has LoRA adapters; load or apply them once")
+    for t in targets or ():
+        if not any(_matches(name, [t]) for name, _ in linears):
+            raise ValueError(f"LoRA target {t!r} matches no Linear; the model's Linears are e.g. "
+                             f"{', '.join(n for n, _ in linears[:6])}")
+    model.requires_grad_(False)
+    for name, linear in linears:
+        if _matches(name, targets):
+            parts = FUSED_PARTS.get(name.rsplit(".", 1)[-1], 1)
+            model.set_submodule(name, LoRALinear(linear, rank, alpha, rng, parts))
+    if is_lm and isinstance(model.lm_head, LoRALinear):
+        model.head_weight = types.MethodType(_adapted_head_weight, model)
+    return model.num_parameters(trainable_only=True)
+
+
+def lora_layers(model: Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in _linears(model) if isinstance(m, LoRALinear)}
+
+
+def merge(model: Module) -> Module:
+    """Fold every adapter into its weight: W += (alpha/r) A @ B. Returns the model."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: Module) -> Module:
+    """Undo `merge`: W -= (alpha/r) A @ B (equal to the unmerged W up to float32 rounding)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+# --- saving and loading adapters ----------------------------------------------------------------
+
+def base_fingerprint(model: Module) -> str:
+    """sha256 over the base (non-LoRA) parameters' names, shapes and an evenly strided sample of
+    up to ~1024 values each: cheap, and different for different checkpoints or a merged model."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+            continue
+        flat = p.data.reshape(-1)
+        sample = flat[::max(1, flat.size // 1024)].astype(np.float32)
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()
+
+
+def _describe_base(model: Module) -> dict:
+    config = getattr(model, "config", None)
+    return {"class": type(model).__name__,
+            "config": asdict(config) if is_dataclass(config) else None,
+            "fingerprint": base_fingerprint(model)}
+
+
+def save_adapter(model: Module, dir: str | os.PathLike, targets: Sequence[str] | None = None,
+                 base_name: str | None = None) -> Path:
+    """Write the adapters as `dir/lora.safetensors` and `dir/lora.json`, atomically.
+
+    The JSON holds rank, alpha, the `targets` given to apply_lora, each wrapped layer's parts,
+    and the base model (class, config, `base_fingerprint`, and `base_name`, e.g. its path).
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to save (apply_lora first)")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the adapters are merged into the weights; unmerge before saving them")
+    (rank, alpha), = {(layer.rank, layer.alpha) for layer in layers.values()}
+    directory = Path(dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}.{ab}": getattr(layer, ab).data for name, layer in layers.items()
+               for ab in ("lora_A", "lora_B")}
+    save_safetensors(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": FORMAT})
+    write_json_atomic(directory / ADAPTER_CONFIG, {
+        "format": FORMAT, "rank": rank, "alpha": alpha,
+        "targets": None if targets is None else list(targets),
+        "layers": {name: layer.parts for name, layer in layers.items()},
+        "base": {**_describe_base(model), "name": base_name}}, indent=2)
+    return directory
+
+
+def _read_adapter_config(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no LoRA adapter here: {path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a tinygpt LoRA adapter (format {FORMAT!r} expected)")
+    return config
+
+
+def load_adapter(model: Module, dir: str | os.PathLike,
+                 rng: np.random.Generator | int = 0) -> dict:
+    """Put the adapters saved in `dir` onto `model` (applying LoRA first if it has none); returns
+    the adapter's JSON. A model of another class, config or base weights, or LoRA of another
+    rank or alpha, is a ValueError naming the difference (the model then holds fresh adapters:
+    load the base again before using it)."""
+    directory = Path(dir)
+    config = _read_adapter_config(directory / ADAPTER_CONFIG)
+    where = directory / ADAPTER_CONFIG
+    base = config.get("base") or {}
+    if base.get("class") != type(model).__name__:
+        raise ValueError(f"{where}: adapter was trained on a {base.get('class')}, not a "
+                         f"{type(model).__name__}")
+    layers = lora_layers(model)
+    if not layers:
+        apply_lora(model, config["rank"], config["alpha"], list(config["layers"]), rng)
+        layers = lora_layers(model)
+    have = {(layer.rank, layer.alpha) for layer in layers.values()}
+    if have != {(config["rank"], config["alpha"])}:
+        ranks = ", ".join(f"rank {r} alpha {a:g}" for r, a in sorted(have))
+        raise ValueError(f"{where}: adapter has rank {config['rank']} alpha {config['alpha']:g}, "
+                         f"but the model's LoRA layers have {ranks}")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError(f"{where}: the model's adapters are merged; unmerge before loading")
+    ours = _describe_base(model)
+    for key, what in (("config", "config"),
+                      ("fingerprint", "weights")):
+        if base.get(key) != ours[key]:
+            name = f" ({base['name']})" if base.get("name") else ""
+            raise ValueError(f"{where}: adapter was trained on another base model{name}: its "
+                             f"{what} differs from this model's")
+    wanted = {f"{n}.{ab}": getattr(layer, ab) for n, layer in layers.items()
+              for ab in ("lora_A", "lora_B")}
+    arrays = load_safetensors(directory / ADAPTER_WEIGHTS, mmap=False)
+    missing, unexpected, misshaped = shape_mismatches(
+        {n: p.shape for n, p in wanted.items()}, {n: a.shape for n, a in arrays.items()})
+    problems = [f"{label} [{', '.join(items)}]" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                if items]
+    if problems:
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: adapters do not fit the model: "
+                         + "; ".join(problems))
+    for name, p in wanted.items():
+        p.data = np.array(arrays[name], dtype=p.dtype, order="C")
+    return config
+
+
+def unload(model: Module) -> Module:
+    """Merge every adapter and put plain Linears back: a model with the base's structure and
+    names (`save_pretrained` then writes an ordinary hub-layout model). Returns the model."""
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        plain = Linear(*layer.weight.shape, None, bias=layer.bias is not None)
+        plain.weight, plain.bias = layer.weight, layer.bias
+        model.set_submodule(name, plain)
+    vars(model).pop("head_weight", None)             # the class's own head_weight again
+    return model
