@@ -1,0 +1,269 @@
+"""The judge against fake servers on 127.0.0.1: both wire formats, a slow one, one that answers
+prose, one that is down, one without the model; and the `evaluate` command."""
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tinygpt.commands.serve import main
+from tinygpt.judge import (JudgeError, endpoint, judge_prompt, query_with_retries,
+                           score_responses)
+
+ENTRIES = [
+    {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
+     "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."},
+    {"instruction": "What type of cloud is typically associated with thunderstorms?", "input": "",
+     "output": "The type of cloud typically associated with thunderstorms is cumulonimbus.",
+     "model_response": "The type of cloud associated with thunderstorms is a cumulus cloud."},
+]
+
+
+class FakeJudge:
+    """A judge on 127.0.0.1 whose answers come from `answer(body) -> (status, lines)`; records
+    each request's path and JSON body."""
+
+    def __init__(self, answer, delay: float = 0.0):
+        self.requests, self.answer, self.delay = [], answer, delay
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, body))
+                time.sleep(fake.delay)
+                status, lines = fake.answer(body)
+                data = "".join(lines).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:                 # the client timed out and left
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def judge():
+    servers = []
+
+    def start(answer, delay=0.0):
+        servers.append(FakeJudge(answer, delay))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+def ollama_says(*pieces):
+    """Ollama's NDJSON stream: one line per piece, then the done line."""
+    lines = [json.dumps({"model": "llama3", "message": {"role": "assistant", "content": p},
+                         "done": False}) + "\n" for p in pieces]
+    return 200, lines + [json.dumps({"model": "llama3", "done": True}) + "\n"]
+
+
+def openai_says(text):
+    return 200, [json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                   "content": text}}]})]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def no_sleep(waits):
+    return waits.append
+
+
+# --- the prompt and the URL --------------------------------------------------------------------
+
+def test_prompt_is_the_books_byte_for_byte():
+    # chapter 7's f-string in generate_model_scores, written out for the first entry
+    expected = ("Given the input `Below is an instruction that describes a task. Write a "
+                "response that appropriately completes the request.\n\n### Instruction:\n"
+                "Rewrite the sentence using a simile.\n\n### Input:\nThe car is very fast.` "
+                "and correct output `The car is as fast as lightning.`, score the model "
+                "response `The car is as fast as a bullet.` on a scale from 0 to 100, where "
+                "100 is the best score. Respond with the integer number only.")
+    assert judge_prompt(ENTRIES[0]) == expected
+    assert "### Input" not in judge_prompt(ENTRIES[1])       # empty input: no input section
+
+
+def test_endpoint_paths():
+    assert endpoint(None, "ollama") == "http://127.0.0.1:11434/api/chat"
+    assert endpoint("http://h:1/", "openai") == "http://h:1/v1/chat/completions"
+    assert endpoint("http://h:1/v1", "openai") == "http://h:1/v1/chat/completions"
+    assert endpoint("http://h:1/custom/chat", "ollama") == "http://h:1/custom/chat"
+    for bad in ("h:1", "ftp://h/"):
+        with pytest.raises(ValueError, match="http"):
+            endpoint(bad, "ollama")
+    with pytest.raises(ValueError, match="ollama or openai"):
+        endpoint(None, "anthropic")
+
+
+# --- both wire formats ---------------------------------------------------------------------------
+
+def test_ollama_streams_ndjson_with_the_books_options(judge):
+    fake = judge(lambda body: ollama_says("8", "5"))
+    result = score_responses(ENTRIES, url=fake.url)
+    assert result.scores == [85, 85] and result.unparsed == [] and result.total == 2
+    assert result.average == 85
+    path, body = fake.requests[0]
+    assert path == "/api/chat"
+    assert body == {"model": "llama3", "options": {"seed": 123, "temperature": 0, "num_ctx": 2048},
+                    "messages": [{"role": "user", "content": judge_prompt(ENTRIES[0])}]}
+
+
+def test_openai_format(judge):
+    answers = iter(["90", " 40\n"])                    # int() ignores surrounding white space
+    fake = judge(lambda body: openai_says(next(answers)))
+    result = score_responses(ENTRIES, "judge-7b", fake.url + "/v1", "openai")
+    assert result.scores == [90, 40] and result.average == 65
+    path, body = fake.requests[1]
+    assert path == "/v1/chat/completions" and body["model"] == "judge-7b"
+    assert body["temperature"] == 0 and body["messages"][0]["content"] == judge_prompt(ENTRIES[1])
+
+
+def test_prose_answers_are_counted_and_listed_not_averaged(judge):
+    answers = iter(["The response deserves 85 points.", "70", "85.5"])
+    fake = judge(lambda body: ollama_says(next(answers)))
+    logged, progress = [], []
+    result = score_responses(ENTRIES + ENTRIES[:1], url=fake.url, log=logged.append,
+                             progress=lambda done, total: progress.append((done, total)))
+    assert result.scores == [70] and result.average == 70 and result.total == 3
+    assert result.unparsed == [(0, "The response deserves 85 points."), (2, "85.5")]
+    assert len(logged) == 2 and "85 points" in logged[0]
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_empty_response_scores_zero_without_a_query(judge):
+    fake = judge(lambda body: ollama_says("60"))
+    entries = [dict(ENTRIES[0], model_response="  \n"), ENTRIES[1]]
+    result = score_responses(entries, url=fake.url)
+    assert result.scores == [0, 60] and len(fake.requests) == 1
+
+
+def test_bad_entries_fail_before_any_query(judge):
+    fake = judge(lambda body: ollama_says("60"))
+    for bad, what in ((ENTRIES + [{"instruction": "x", "output": "y"}], "model_response"),
+                      (ENTRIES + [{"output": "y", "model_response": "z"}], "instruction"),
+                      (ENTRIES + [["not", "an", "entry"]], "not a JSON object")):
+        with pytest.raises(ValueError, match=what):
+            score_responses(bad, url=fake.url)
+    assert fake.requests == []
+
+
+# --- slow, failing and missing judges ------------------------------------------------------------
+
+def test_slow_judge_within_the_timeout(judge):
+    fake = judge(lambda body: ollama_says("77"), delay=0.3)
+    assert score_responses(ENTRIES[:1], url=fake.url, timeout=5.0).scores == [77]
+
+
+def test_too_slow_judge_is_retried_then_one_line(judge):
+    fake = judge(lambda body: ollama_says("77"), delay=1.0)
+    waits = []
+    with pytest.raises(JudgeError, match="cannot reach the judge.*timed out.*ollama serve") as e:
+        query_with_retries("p", url=fake.url, timeout=0.2, retries=2, backoff=0.5,
+                           sleep=no_sleep(waits))
+    assert waits == [0.5, 1.0] and "\n" not in str(e.value)
+
+
+def test_server_errors_are_retried(judge):
+    answers = iter([(503, ['{"error": "loading model"}']), ollama_says("42")])
+    fake = judge(lambda body: next(answers))
+    waits = []
+    assert score_responses(ENTRIES[:1], url=fake.url, sleep=no_sleep(waits)).scores == [42]
+    assert len(fake.requests) == 2 and waits == [1.0]
+
+
+@pytest.mark.parametrize("api, hint", [("ollama", "`ollama serve` (and `ollama pull llama3`)"),
+                                       ("openai", "tinygpt serve")])
+def test_judge_down_says_how_to_start_it(api, hint):
+    waits = []
+    with pytest.raises(JudgeError) as e:
+        score_responses(ENTRIES, url=f"http://127.0.0.1:{free_port()}", api=api, retries=3,
+                        sleep=no_sleep(waits))
+    assert hint in str(e.value) and "cannot reach" in str(e.value)
+    assert waits == [1.0, 2.0, 4.0]                      # exponential backoff
+
+
+def test_model_not_pulled_is_not_retried(judge):
+    fake = judge(lambda body: (404, ['{"error":"model \\"llama3\\" not found, try pulling it '
+                                     'first"}']))
+    with pytest.raises(JudgeError, match="no model 'llama3'.*`ollama pull llama3`"):
+        score_responses(ENTRIES, url=fake.url, sleep=no_sleep([]))
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("api, lines, match", [
+    ("ollama", ["<html>busy</html>\n"], "not JSON"),
+    ("ollama", ['{"error": "out of memory"}\n'], "out of memory"),
+    ("openai", ['{"result": "85"}'], "choices"),
+])
+def test_replies_that_are_not_the_format(judge, api, lines, match):
+    fake = judge(lambda body: (200, lines))
+    with pytest.raises(JudgeError, match=match):
+        score_responses(ENTRIES, url=fake.url, api=api)
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def test_evaluate_prints_count_and_average(judge, tmp_path, capsys):
+    answers = iter(["80", "I would say 50", "90"])
+    fake = judge(lambda body: openai_says(next(answers)))
+    path = tmp_path / "responses.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in ENTRIES + ENTRIES[:1]) + "\n")
+    code = main(["evaluate", "--responses", str(path), "--api", "openai", "--judge", fake.url,
+                 "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Number of scores: 2 of 3" in out and "Average score: 85.00" in out
+    assert "entry 1: 'I would say 50'" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "nan"], "--timeout must be a finite number > 0"),
+    (["--timeout", "0"], "--timeout must be a finite number > 0"),
+    (["--backoff", "-1"], "--backoff must be a finite number >= 0"),
+    (["--retries", "-1"], "--retries must be >= 0"),
+])
+def test_evaluate_bad_flags_are_one_line(tmp_path, capsys, args, message):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(ENTRIES))
+    assert main(["evaluate", "--responses", str(path)] + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_evaluate_bad_files_and_judge_down_are_one_line(tmp_path, capsys):
+    empty, broken = tmp_path / "empty.json", tmp_path / "broken.jsonl"
+    empty.write_text("")
+    broken.write_text('{"instruction": "a"}\n{oops\n')
+    for path, message in ((empty, "empty"), (broken, "line 2 is not JSON"),
+                          (tmp_path / "missing.json", "No such file")):
+        assert main(["evaluate", "--responses", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    good = tmp_path / "r.json"
+    good.write_text(json.dumps(ENTRIES))
+    assert main(["evaluate", "--responses", str(good), "--judge",
+                 f"http://127.0.0.1:{free_port()}", "--retries", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "ollama serve" in err and err.count("\n") == 1
