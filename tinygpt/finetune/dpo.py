@@ -130,11 +130,11 @@ class PreferenceDataset:
             ids = tokenizer.encode(prompt_text + entry[side])[:self.allowed_max_length]
             # the response starts where the tokens stop matching the prompt's: BPE may merge
             # the header's last character with the response's first
-            start = _common_prefix(prompt, ids) if self.mask_prompt else 1
-            if start >= len(ids):
+            start = _common_prefix(prompt, ids) if self.mask_prompt else 0
+            if max(start, 1) >= len(ids):            # position 0 is never predicted, so scored
                 raise ValueError(f"entry {entry['instruction'][:40]!r}: its {side} response has "
                                  f"no tokens within allowed_max_length={self.allowed_max_length}")
-            item[side], item[f"{side}_start"] = ids, max(start, 1)   # position 0 is never scored
+            item[side], item[f"{side}_start"] = ids, start
         return item
 
     def __len__(self) -> int:
