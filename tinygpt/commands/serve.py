@@ -1,0 +1,309 @@
+"""`tinygpt evaluate`, `tinygpt chat` and `tinygpt serve`: the command-line side of judge.py,
+chat.py and serve.py (flags, model loading, printing). User errors are raised as ValueError.
+
+    python -m tinygpt.commands.serve chat --model ../shared/fixtures/smollm2-135m-instruct/model.gguf
+    python -m tinygpt.commands.serve serve --model MODEL --port 8000 &
+    python -m tinygpt.commands.serve evaluate --responses FILE --api openai --judge http://127.0.0.1:8000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from tinygpt.finetune.templates import TEMPLATES
+
+DEFAULT_JUDGE = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000"}
+
+
+def add_parsers(sub) -> None:
+    _add_evaluate(sub)
+    _add_chat(sub)
+    _add_serve(sub)
+
+
+# --- model loading ----------------------------------------------------------------------------
+
+def load_model(spec: str) -> tuple[object, object, str]:
+    """(model in eval mode, tokenizer, template name) from a `.gguf` file, a Llama hub folder
+    (config.json + model.safetensors + tokenizer.json) or what `load_pretrained` takes (a GPT-2
+    name, a training run, a GPT-2 hub folder). Llama models are chat models (chatml); GPT-2
+    models get the book's alpaca template."""
+    path = Path(spec)
+    if path.suffix == ".gguf" or path.is_file():
+        from tinygpt.gguf import read_gguf
+        from tinygpt.hf_tokenizer import HFTokenizer
+        from tinygpt.llama_weights import load_llama
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {spec}: no such file")
+        tok = HFTokenizer.from_gguf_metadata(read_gguf(path)[0], source=str(path))
+        return load_llama(path).eval(), tok, "chatml"
+    if _is_llama_folder(path):
+        from tinygpt.hf_tokenizer import HFTokenizer
+        from tinygpt.llama_weights import load_llama
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"--model {spec}: a Llama folder needs its tokenizer.json")
+        tok = HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
+        return load_llama(path).eval(), tok, "chatml"
+    from tinygpt.weights import load_pretrained
+    model, tok = load_pretrained(spec, download=False)
+    return model.eval(), tok, "alpaca"
+
+
+def _is_llama_folder(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("model_type") == "llama"
+                                         or "LlamaForCausalLM" in config.get("architectures", []))
+
+
+def _load(args) -> tuple[object, object, str]:
+    model, tok, template = load_model(args.model)
+    return model, tok, args.template or template
+
+
+# --- flag checks ------------------------------------------------------------------------------
+
+def _check_float(name: str, value: float | None, lo: float, hi: float = math.inf,
+                 open_low: bool = False) -> None:
+    if value is None:
+        return
+    bad = not math.isfinite(value) or value < lo or value > hi or (open_low and value == lo)
+    if bad:
+        where = f"in {'(' if open_low else '['}{lo:g}, {hi:g}]" if math.isfinite(hi) else \
+            (f"> {lo:g}" if open_low else f">= {lo:g}")
+        raise ValueError(f"{name} must be a finite number {where}, got {value}")
+
+
+def _check_int(name: str, value: int | None, lo: int, hi: int | None = None) -> None:
+    if value is not None and (value < lo or (hi is not None and value > hi)):
+        raise ValueError(f"{name} must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                         + f", got {value}")
+
+
+def _add_sampling(p) -> None:
+    p.add_argument("--template", choices=tuple(TEMPLATES), default=None,
+                   help="prompt format (default: chatml for Llama models, alpaca for GPT-2)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+
+
+def _check_sampling(args) -> None:
+    _check_float("--temperature", args.temperature, 0.0)
+    _check_float("--top-p", args.top_p, 0.0, 1.0, open_low=True)
+    _check_int("--top-k", args.top_k, 1)
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score model responses 0-100 with a judge model "
+                       "(Ollama or an OpenAI-compatible server)",
+                       description="Ask a judge model to score each entry's response with the "
+                       "book's prompt, then print how many scores parsed and their average. "
+                       "Start the judge first: `ollama serve` and `ollama pull llama3`, or "
+                       "`tinygpt serve --model PATH` with --api openai.")
+    p.add_argument("--responses", required=True, help="JSON list or JSONL of entries with "
+                   "instruction, input, output and the response")
+    p.add_argument("--judge", default=None, help="judge URL (default http://127.0.0.1:11434 "
+                   "for ollama, http://127.0.0.1:8000 for openai)")
+    p.add_argument("--judge-model", default="llama3", help="model the judge runs (default llama3)")
+    p.add_argument("--api", choices=("ollama", "openai"), default="ollama",
+                   help="wire format: Ollama's /api/chat or OpenAI's /v1/chat/completions")
+    p.add_argument("--response-key", default="model_response",
+                   help="entry field holding the response (default model_response)")
+    p.add_argument("--template", choices=tuple(TEMPLATES), default="alpaca",
+                   help="format of the instruction shown to the judge (default alpaca)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per answer (default 120)")
+    p.add_argument("--retries", type=int, default=3, help="tries again after a failure (default 3)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="seconds before the first retry, doubling after each (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_evaluate)
+
+
+def read_entries(path: str) -> list[dict]:
+    """Entries from a JSON list or a JSONL file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a list of entries")
+    return data
+
+
+def run_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from tinygpt.judge import JudgeError, score_responses
+    _check_float("--timeout", args.timeout, 0.0, open_low=True)
+    _check_float("--backoff", args.backoff, 0.0)
+    _check_int("--retries", args.retries, 0)
+    entries = read_entries(args.responses)
+    bar = tqdm(total=len(entries), desc="Scoring entries", disable=args.quiet, file=sys.stderr)
+    try:
+        result = score_responses(
+            entries, args.judge_model, args.judge or DEFAULT_JUDGE[args.api], args.api,
+            response_key=args.response_key, template=args.template, timeout=args.timeout,
+            retries=args.retries, backoff=args.backoff,
+            api_key=os.environ.get("OPENAI_API_KEY") if args.api == "openai" else None,
+            progress=lambda done, total: bar.update(done - bar.n), log=bar.write)
+    except JudgeError as e:
+        raise ValueError(str(e)) from None
+    finally:
+        bar.close()
+    if result.unparsed:
+        print(f"{len(result.unparsed)} answers were not an integer, left out of the average:")
+        for k, answer in result.unparsed:
+            print(f"  entry {k}: {answer[:200]!r}")
+    print(f"Number of scores: {len(result.scores)} of {result.total}")
+    if result.average is None:
+        print("Average score: none (no answer was an integer)")
+    else:
+        print(f"Average score: {result.average:.2f}")
+    return 0
+
+
+# --- chat -------------------------------------------------------------------------------------
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a model in the terminal (Ctrl-D or Ctrl-C ends)",
+                       description="A chat loop: each line you type is wrapped in the model's "
+                       "template with as much of the conversation as fits its context, and the "
+                       "reply streams back. /reset forgets the conversation; Ctrl-D, Ctrl-C or "
+                       "/quit ends.")
+    p.add_argument("--model", required=True, help=".gguf file, Llama hub folder, GPT-2 name, "
+                   "training run or model folder")
+    p.add_argument("--system", default=None, help="system message (chatml)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
+    _add_sampling(p)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args, stdin=None, stdout=None) -> int:
+    from tinygpt.chat import ChatSession
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    _check_sampling(args)
+    _check_int("--max-new-tokens", args.max_new_tokens, 1)
+    interactive = stdin.isatty()
+    try:
+        model, tok, template = _load(args)
+        session = ChatSession(model, tok, template, system=args.system,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        if interactive:
+            print(f"chatting with {args.model} ({template}); /reset forgets, Ctrl-D ends",
+                  file=sys.stderr)
+        while True:
+            if interactive:
+                stdout.write("> ")
+                stdout.flush()
+            line = stdin.readline()
+            if not line:                                      # Ctrl-D / end of input
+                break
+            message = line.rstrip("\n")
+            if message.strip() in ("/quit", "/exit"):
+                break
+            if message.strip() == "/reset":
+                session.reset()
+                continue
+            if not message.strip():
+                continue
+            session.send(message, on_text=lambda piece: (stdout.write(piece), stdout.flush()))
+            stdout.write("\n")
+            stdout.flush()
+    except KeyboardInterrupt:                                 # Ctrl-C: end quietly
+        pass
+    if interactive:
+        stdout.write("\n")
+    stdout.flush()
+    return 0
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server for a "
+                       "model", description="Serve one model over HTTP the way OpenAI's API "
+                       "does (/v1/chat/completions, streaming or not, and /v1/models), one "
+                       "request at a time. Ctrl-C stops.")
+    p.add_argument("--model", required=True, help=".gguf file, Llama hub folder, GPT-2 name, "
+                   "training run or model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
+    p.add_argument("--template", choices=tuple(TEMPLATES), default=None,
+                   help="prompt format (default: chatml for Llama models, alpaca for GPT-2)")
+    p.add_argument("--name", default=None, help="model id in answers (default: from --model)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="longest reply when a request sets no max_tokens (default 256)")
+    p.add_argument("--quiet", action="store_true", help="no request log on stderr")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args, ready=None) -> int:
+    """`ready(server)` is called once it listens (tests use it to learn the port)."""
+    from tinygpt.serve import make_server
+    _check_int("--port", args.port, 0, 65535)
+    _check_int("--max-tokens", args.max_tokens, 1)
+    model, tok, template = _load(args)
+    name = args.name or Path(args.model.rstrip("/")).stem or "tinygpt"
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        server = make_server(model, tok, template, args.host, args.port, name, args.max_tokens,
+                             log)
+    except OSError as e:
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    print(f"serving {name} ({template}) on {server.url} (POST /chat/completions, GET /models); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+# --- standalone entry point (until cli.py registers these commands) ----------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinygpt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parsers(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("tinygpt: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, KeyError) as e:
+        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
