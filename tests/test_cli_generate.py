@@ -115,3 +115,22 @@ def test_python_dash_m_streams_to_stdout(fixture_dir, expected, tok):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout == prompt + tok.decode(expected["gen_new_tokens"][:5]) + "\n"
+
+
+def test_generate_runs_the_real_smollm2_gguf_in_every_weight_mode(shared, capsys):
+    """The chat reply of the fixture, through the CLI, float32 rows, int8 and the file's blocks."""
+    import json
+    fixture = shared / "fixtures" / "smollm2-135m-instruct"
+    meta = json.loads((fixture / "meta.json").read_text())
+    for quantize in ("none", "gguf"):
+        assert main(["generate", "--model", str(fixture / "model.gguf"), "--prompt",
+                         meta["prompt0"]["text"], "--max-new-tokens", "20",
+                         "--quantize", quantize]) == 0
+        out = capsys.readouterr().out
+        assert out == meta["prompt0"]["text"] + meta["prompt0"]["greedy_text"] + "\n"
+
+
+def test_generate_quantize_gguf_needs_a_gguf(tmp_path, capsys):
+    assert main(["generate", "--model", "gpt2", "--random-init", "--prompt", "hi",
+                     "--quantize", "gguf"]) == 2
+    assert "--quantize gguf needs a .gguf" in capsys.readouterr().err

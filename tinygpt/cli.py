@@ -91,6 +91,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--eos", type=int, nargs="?", const=50256, default=None, metavar="ID",
                    help="stop at this token id (default with no ID: 50256, <|endoftext|>)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
+    p.add_argument("--quantize", choices=("none", "int8", "gguf"), default="none",
+                   help="weights for decoding: float32 rows (none, default), int8 with a scale per "
+                   "row, or a .gguf file's own Q8_0/Q4_1 blocks kept quantized (gguf)")
     p.add_argument("--random-init", action="store_true",
                    help="--model names a preset; use random weights (no files needed)")
     p.add_argument("--verbose", action="store_true", help="load time and tokens/s on stderr")
@@ -145,9 +148,14 @@ def _generate_model(args):
         from tinygpt.tokenizer import GPT2Tokenizer
         tok = GPT2Tokenizer()
         cfg = GPTConfig.preset(args.model, vocab_size=tok.n_vocab, qkv_bias=True, tie_weights=True)
-        return GPT(cfg, seed=0 if args.seed is None else args.seed).eval(), tok
+        model = GPT(cfg, seed=0 if args.seed is None else args.seed)
+        if args.quantize == "gguf":
+            raise CLIError("--quantize gguf needs a .gguf --model")
+        from tinygpt.inference import pack_for_inference
+        return pack_for_inference(model, None if args.quantize == "none" else "int8"), tok
     from tinygpt.weights import load_pretrained
-    return load_pretrained(args.model, args.dir, download=False)
+    pack = {"none": "float32"}.get(args.quantize, args.quantize)
+    return load_pretrained(args.model, args.dir, download=False, pack=pack)
 
 
 class _TextStream:
@@ -361,11 +369,25 @@ COMMANDS = {
 }
 
 
+# stage 3 and serving live beside this file, in tinygpt/commands/: each adds its own subcommands
+COMMAND_MODULES = ("classify", "instruct", "dpo", "serve", "plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
     parser = argparse.ArgumentParser(prog="tinygpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
+    for name, (add, run) in COMMANDS.items():
         add(sub)
+        sub.choices[name].set_defaults(run=run)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"tinygpt.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"tinygpt.commands.{name}":
+                raise
+            continue
+        module.add_parsers(sub)
     return parser
 
 
@@ -375,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         # overflow in a diverging run is reported by the trainer as one line; NumPy's own
         # RuntimeWarnings would only print source lines above it
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return COMMANDS[args.command][1](args) or 0
+            return args.run(args) or 0
     except KeyboardInterrupt:
         print("tinygpt: interrupted", file=sys.stderr)
         return 130

@@ -93,18 +93,37 @@ class PackedWeight:
         return out.astype(np.float32, copy=False).reshape(*np.shape(idx), self.shape[1])
 
 
+def pack_module(module: Module, quantize: str | None = None) -> None:
+    """Pack one Linear or Embedding in place (no-op when it is packed already)."""
+    if module.packed is not None:
+        return
+    w = module.weight
+    module.weight = None                               # drop the training copy as we go
+    rows = w.data.T if isinstance(module, Linear) else w.data    # (out, in) either way
+    module.packed = PackedWeight.from_rows(rows, quantize)
+
+
+def packer(model: Module, pack: str):
+    """`on_tensor(name)` for a loader: packs the module that owns parameter `name` (Linear and
+    Embedding weights; norms and biases stay as they are). `pack` is "float32" or "int8"."""
+    if pack not in ("float32", "int8"):
+        raise ValueError(f"pack must be 'float32' or 'int8', got {pack!r}")
+    quantize = None if pack == "float32" else pack
+
+    def on_tensor(name: str) -> None:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr == "weight" and isinstance(module, (Linear, Embedding)):
+            pack_module(module, quantize)
+    return on_tensor
+
+
 def pack_for_inference(model: Module, quantize: str | None = None) -> Module:
     """Pack every Linear and Embedding weight of `model` in place (see the module docstring).
     Returns the model, in eval mode."""
     for module in model.modules():
-        if isinstance(module, Linear) and module.packed is None:
-            w = module.weight
-            module.weight = None                        # drop the (in, out) copy as we go
-            module.packed = PackedWeight.from_rows(w.data.T, quantize)
-            del w
-        elif isinstance(module, Embedding) and module.packed is None:
-            module.packed = PackedWeight.from_rows(module.weight.data, quantize)
-            module.weight = None
+        if isinstance(module, (Linear, Embedding)):
+            pack_module(module, quantize)
     return model.eval()
 
 

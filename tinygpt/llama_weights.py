@@ -94,9 +94,14 @@ def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> Llama:
     """A Llama with the weights of a GGUF file, each dequantized to float32 once; or, with
     `keep_quantized`, packed for generation (`inference.PackedWeight.from_gguf`: Q8_0 and Q4_1
     blocks stay quantized), a model that generates but does not train."""
-    from tinygpt.gguf import dequantize, read_gguf
+    from tinygpt.gguf import read_gguf
     path = Path(path)
-    metadata, tensors = read_gguf(path)
+    return _load_gguf(path, *read_gguf(path), keep_quantized=keep_quantized)
+
+
+def _load_gguf(path: Path, metadata: dict, tensors: dict, keep_quantized: bool = False,
+               pack: str | None = None) -> Llama:
+    from tinygpt.gguf import dequantize
     cfg = config_from_gguf({**metadata, "_tensor_names": tuple(tensors)}, str(path))
     model = Llama(cfg, init=False)
     params = dict(model.named_parameters())
@@ -109,6 +114,10 @@ def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> Llama:
             raise ValueError(f"{path}: tensor {name!r} is not part of a Llama model")
         mapped[ours] = t
     _check_fit(path, params, {n: _our_shape(n, t.shape) for n, t in mapped.items()})
+    on_tensor = None
+    if pack is not None:
+        from tinygpt.inference import packer
+        on_tensor = packer(model, pack)
     for ours, t in mapped.items():
         heads = {"q_proj.weight": cfg.n_head, "k_proj.weight": cfg.n_kv_head}.get(
             ours.rpartition("self_attn.")[2])
@@ -119,7 +128,9 @@ def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> Llama:
         if heads is not None:
             w = _unpermute(w, heads)
         params[ours].data = _to_ours(ours, w)
-    return model.eval() if keep_quantized else model
+        if on_tensor is not None:
+            on_tensor(ours)
+    return model.eval() if keep_quantized or pack else model
 
 
 def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None) -> None:
@@ -156,6 +167,28 @@ def _check_fit(path: Path, params: dict, shapes: dict) -> None:
                                      ("wrong shape", misshaped)) if items]
     if problems:
         raise ValueError(f"{path}: weights do not fit the Llama config: " + "; ".join(problems))
+
+
+def load_llama_pretrained(path: str | os.PathLike, pack: str | None = None):
+    """(Llama in eval mode, its tokenizer) from a `.gguf` file (the tokenizer from its metadata)
+    or a hub folder (its `tokenizer.json`); `pack` as in `weights.load_pretrained`."""
+    from tinygpt.hf_tokenizer import HFTokenizer
+    path = Path(path)
+    if path.suffix == ".gguf" or path.is_file():
+        from tinygpt.gguf import read_gguf
+        metadata, tensors = read_gguf(path)
+        tokenizer = HFTokenizer.from_gguf_metadata(metadata, source=str(path))
+        model = _load_gguf(path, metadata, tensors, keep_quantized=pack == "gguf",
+                           pack=None if pack == "gguf" else pack)
+        return model.eval(), tokenizer
+    if pack == "gguf":
+        raise ValueError(f"{path}: pack 'gguf' keeps a GGUF file's blocks; this is a folder")
+    tokenizer = HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
+    model = load_llama_hf(path)
+    if pack is not None:
+        from tinygpt.inference import pack_for_inference
+        pack_for_inference(model, None if pack == "float32" else pack)
+    return model.eval(), tokenizer
 
 
 def load_llama_hf(dir: str | os.PathLike) -> Llama:

@@ -31,13 +31,13 @@ import os
 import re
 from dataclasses import fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import Callable, BinaryIO
 
 import numpy as np
 
 from tinygpt.download import resolve_gpt2
 from tinygpt.fileio import write_json_atomic
-from tinygpt.model import GPT, GPTConfig
+from tinygpt.model import GPT, CausalLM, GPTConfig
 from tinygpt.nn import shape_mismatches
 from tinygpt.safetensors import Header, load_safetensors, read_header, save_safetensors
 from tinygpt.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
@@ -138,32 +138,62 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 # --- loading --------------------------------------------------------------------------------------
 
 def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights", *,
-              download: bool = True) -> GPT:
+              download: bool = True, pack: str | None = None) -> GPT:
     """GPT-2 from a checkpoint directory or a name (gpt2, gpt2-medium, ...), in eval mode.
 
     Names are looked up in `dir/<name>/` and the Hugging Face cache, then downloaded
     (`download=False` raises FileNotFoundError instead, naming `tinygpt download <name>`).
+    `pack="float32"` or `"int8"` packs each weight for generation as soon as it is read
+    (`inference.py`), so the float32 training layout never exists whole.
     """
     directory = resolve_gpt2(path_or_name, dir, download=download)
     with open(directory / CONFIG_FILE, encoding="utf-8") as f:
         cfg = config_from_hf(json.load(f))
     model = GPT(cfg, init=False)                    # every weight is read from the file
-    load_weights(model, directory / WEIGHTS_FILE)
+    on_tensor = None
+    if pack is not None:
+        from tinygpt.inference import packer
+        on_tensor = packer(model, pack)
+    load_weights(model, directory / WEIGHTS_FILE, on_tensor)
     return model.eval()
 
 
 def load_pretrained(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights", *,
-                    download: bool = True) -> tuple[GPT, Tokenizer]:
-    """(model in eval mode, its tokenizer) from a training run's folder, a hub-layout folder or a
-    GPT-2 name (see `load_gpt2`); GPT-2's tokenizer where the folder names none."""
+                    download: bool = True, pack: str | None = None) -> tuple[CausalLM, Tokenizer]:
+    """(model in eval mode, its tokenizer) from anything a command's `--model` names: a training
+    run's folder, a hub-layout folder (GPT-2 or Llama), a `.gguf` file, or a GPT-2 name (see
+    `load_gpt2`); GPT-2's tokenizer where a GPT-2 folder names none.
+
+    `pack` readies the model for generation only (`inference.py`): "float32" or "int8" rows, or
+    "gguf" to keep a GGUF file's quantized blocks.
+    """
+    path = Path(path_or_name)
+    if path.suffix == ".gguf" or _model_type(path) == "llama":
+        from tinygpt.llama_weights import load_llama_pretrained
+        return load_llama_pretrained(path, pack=pack)
+    if pack == "gguf":
+        raise ValueError(f"{path}: pack 'gguf' keeps a GGUF file's blocks; this is not a .gguf")
     directory = resolve_gpt2(path_or_name, dir, download=download)
-    return load_gpt2(directory), load_tokenizer(directory)
+    return load_gpt2(directory, pack=pack), load_tokenizer(directory)
 
 
-def load_weights(model: GPT, path: str | os.PathLike) -> None:
+def _model_type(path: Path) -> str | None:
+    """`model_type` of a folder's config.json, or None when there is none to read."""
+    try:
+        with open(path / CONFIG_FILE, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return hf.get("model_type") if isinstance(hf, dict) else None
+
+
+def load_weights(model: GPT, path: str | os.PathLike,
+                 on_tensor: Callable[[str], None] | None = None) -> None:
     """Read a hub-layout safetensors file into `model`'s parameters, in place.
 
     Every missing, unexpected or mis-shaped tensor is listed, by name and shape, in one ValueError.
+    `on_tensor(name)` is called as soon as parameter `name` holds its weights (packing for
+    generation frees each one right away).
     """
     path = Path(path)
     header = read_header(path)
@@ -178,12 +208,16 @@ def load_weights(model: GPT, path: str | os.PathLike) -> None:
     with open(path, "rb") as f:
         for name, p in params.items():
             _read_into(f, path, header, stored[name], p.data)
+            if name == "wte.weight" and model.lm_head is None and head is not None:
+                _check_tied_head(f, path, header, head, p.data)
+            if on_tensor is not None:
+                on_tensor(name)
         if model.lm_head is not None:
             vc = np.empty(header.tensors[head].shape, np.float32)             # (V, C)
             _read_into(f, path, header, head, vc)
             model.lm_head.weight.data = np.ascontiguousarray(vc.T)             # (C, V)
-        elif head is not None:
-            _check_tied_head(f, path, header, head, model.wte.weight.data)
+            if on_tensor is not None:
+                on_tensor("lm_head.weight")
 
 
 def _strip(name: str) -> str:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tinygpt.hf_tokenizer import SMOLLM2_SYSTEM_PROMPT, apply_chat_template
+
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that "
                    "appropriately completes the request.")
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SMOLLM_SYSTEM = SMOLLM2_SYSTEM_PROMPT
 
 
 @dataclass(frozen=True)
