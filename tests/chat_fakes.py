@@ -50,7 +50,7 @@ class ScriptedModel:
                 cache.length = total
             step = (total - self._prompt_len) % len(self.script)
             logits = np.zeros((idx.shape[0], idx.shape[1], self.config.vocab_size), np.float32)
-            logits[:, -1, self.script[step]] = 10.0
+            logits[:, -1, self.script[step]] = 100.0     # certain even when sampling
             return SimpleNamespace(data=logits)
         finally:
             with self._count:
