@@ -151,7 +151,7 @@ def test_model_logprobs_equal_a_full_forward():
 
 @given(st.data())
 def test_sequence_logprobs_grad(data):
-    N, T, V = data.draw(st.integers(1, 3)), data.draw(st.integers(2, 5)), data.draw(st.integers(2, 4))
+    N, T, V = (data.draw(st.integers(lo, hi)) for lo, hi in ((1, 3), (2, 5), (2, 4)))
     logits = data.draw(arrays((N, T, V)))
     ids = data.draw(arrays((N, T), lo=0, hi=V - 1e-9)).astype(np.int64)
     mask = data.draw(arrays((N, T), lo=0, hi=1)) > 0.5

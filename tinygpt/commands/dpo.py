@@ -104,7 +104,7 @@ def load_model(path: str):
 
 
 def _eos_id(tokenizer, template: str) -> int | None:
-    """The id that ends a response: the template's end token if it is one token, else end-of-text."""
+    """The id that ends a response: the template's end token if it is one, else end-of-text."""
     from tinygpt.finetune.templates import get_template
     try:
         ids = tokenizer.encode(get_template(template).end_token)
@@ -115,7 +115,7 @@ def _eos_id(tokenizer, template: str) -> int | None:
 
 def responses(model, tokenizer, entries: list[dict], template: str,
               max_new_tokens: int) -> list[str]:
-    """Greedy, eos-stopped responses, the prompt and header stripped (templates.extract_response)."""
+    """Greedy, eos-stopped responses, prompt and header stripped (templates.extract_response)."""
     from tinygpt.finetune.templates import extract_response, format_prompt
     from tinygpt.generate import generate
     eos = _eos_id(tokenizer, template)

@@ -24,7 +24,8 @@ Owns: `read_preference_data`, `split_entries` (the book's 935/110/55 in file ord
 `model_logprobs`, `dpo_loss` and `DPOObjective` (train()'s loss_fn and metrics). The prompt text
 comes from `templates.py`, the loop from `train.py`, the command line from `commands/dpo.py`.
 
-    python -m tinygpt finetune-dpo --model gpt2 --data ../shared/data/instruction-data-with-preference.json --out runs/dpo
+    python -m tinygpt finetune-dpo --model gpt2 --out runs/dpo \\
+        --data ../shared/data/instruction-data-with-preference.json
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def read_preference_data(path: str | Path) -> list[dict]:
 
 
 def split_entries(entries: Sequence[dict]) -> tuple[list, list, list]:
-    """(train, test, val) in file order, no shuffle: 85 %, 10 % and the rest (1,100 -> 935/110/55)."""
+    """(train, test, val) in file order, no shuffle: 85 %, 10 %, the rest (1,100: 935/110/55)."""
     n_train, n_test = int(len(entries) * TRAIN_FRACTION), int(len(entries) * TEST_FRACTION)
     entries = list(entries)
     return (entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:])
