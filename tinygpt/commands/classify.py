@@ -86,6 +86,7 @@ def run_finetune(args) -> int:
     from tinygpt.train import TrainingDiverged
     _check_flags(args)
     prepare_run_dir(args.out, resume=False)              # writable, before any time is spent
+    data = C.read_labelled(_data_path(args), args.text_col, args.label_col)
     start = time.perf_counter()
     backbone, tok = _backbone(args)
     pad_id = C.pad_id_of(tok)
@@ -95,7 +96,6 @@ def run_finetune(args) -> int:
                              "or end-of-text id), and --token-pos last reads the pad position; "
                              "use --token-pos last-real")
         pad_id = 0                                       # never read by the other positions
-    data = C.read_labelled(_data_path(args), args.text_col, args.label_col)
     splits = C.spam_splits(data, tok, pad_id, batch_size=args.batch_size,
                            balanced=not args.no_balance, max_length=backbone.config.block_size,
                            seed=args.seed)
@@ -171,11 +171,7 @@ def _backbone(args):
         cfg = GPTConfig.preset(args.model, vocab_size=tok.n_vocab, qkv_bias=True,
                                tie_weights=True)
         return GPT(cfg, seed=args.seed), tok
-    from tinygpt.download import GPT2_NAMES
-    if args.model in GPT2_NAMES:
-        from tinygpt.weights import load_pretrained
-        return load_pretrained(args.model, args.dir)
-    return load_backbone(args.model)
+    return load_backbone(args.model, args.dir)
 
 
 def _data_path(args):

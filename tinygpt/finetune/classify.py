@@ -188,7 +188,7 @@ def split(rows: np.ndarray, train_frac: float = 0.7, val_frac: float = 0.1,
 
 # --- the default data file -----------------------------------------------------------------------
 
-def sms_spam_file(urls: Sequence[str] = SMS_URLS, *, progress: bool = True,
+def sms_spam_file(urls: Sequence[str] | None = None, *, progress: bool = True,
                   timeout: float = 30.0) -> Path:
     """The UCI SMS Spam Collection on disk: ../shared/data/SMSSpamCollection, else the cache's
     copy, else the UCI zip (or the book's backup URL) downloaded into the cache (resumable) and
@@ -199,7 +199,7 @@ def sms_spam_file(urls: Sequence[str] = SMS_URLS, *, progress: bool = True,
     if cached.is_file() and _sha256(cached.read_bytes()) == SMS_SHA256:
         return cached
     zipped = cache_dir() / "sms+spam+collection.zip"
-    errors = []
+    errors, urls = [], SMS_URLS if urls is None else urls
     try:
         zipped.parent.mkdir(parents=True, exist_ok=True)
         for url in urls:
@@ -407,12 +407,12 @@ class Classifier(Module):
 
 def set_trainable(model: Classifier, mode: str, *, lora_rank: int = 16,
                   lora_alpha: float = 16.0) -> None:
-    """Freeze the model, then unfreeze what `mode` trains; the head always trains.
+    """Freeze the model, then unfreeze what `mode` trains, the head always included.
 
     `last-block` (the book): the last transformer block, the final norm and the head;
-    `last-two-blocks`; `all` (but the idle vocabulary head); `head`; `lora`: LoRA adapters on the
-    backbone's linear layers (`tinygpt.finetune.lora`). The final norm is found as the backbone
-    parameters outside the blocks, the embeddings and the vocabulary head.
+    `last-two-blocks`; `all` (but an idle untied vocabulary head); `head`; `lora`: LoRA adapters
+    on every linear layer, the head's included (`tinygpt.finetune.lora`). The final norm is found
+    as the backbone's parameters outside its blocks, embeddings and vocabulary head.
     """
     if mode not in TRAINABLE:
         raise ValueError(f"unknown --trainable {mode!r}; choose from {', '.join(TRAINABLE)}")
@@ -430,8 +430,11 @@ def set_trainable(model: Classifier, mode: str, *, lora_rank: int = 16,
         for p in _final_norm_params(backbone):
             p.requires_grad = True
     elif mode == "lora":
+        # the book's appendix E: every Linear of the classifier, its new head too, gets an
+        # adapter beside its frozen weight (GPT-2 124M, rank 16: 2,666,528 trainable)
         from tinygpt.finetune.lora import apply_lora      # stage 3b; imported only when asked
-        apply_lora(backbone, lora_rank, lora_alpha, targets=None)
+        apply_lora(model, lora_rank, lora_alpha, targets=None)
+        return
     model.head.requires_grad_(True)
 
 
@@ -522,13 +525,16 @@ def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
     """Write the backbone in its hub layout (config.json + model.safetensors, with its tokenizer,
     so every command can load it as a language model), the head in classifier.safetensors and
     classifier.json (label names, token position, pad id, length) last, so a folder with a
-    classifier.json is complete."""
+    classifier.json is complete. LoRA adapters are merged into their weights first, in place."""
     from tinygpt.model import GPT
     from tinygpt.safetensors import save_safetensors
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CLASSIFIER_FILE).unlink(missing_ok=True)     # incomplete until rewritten below
-    backbone = _merged_backbone(model)
+    if any(name.endswith(".lora_A") for name, _ in model.named_parameters()):
+        from tinygpt.finetune.lora import unload
+        unload(model)                # adapters merged into plain Linears: the hub layout's names
+    backbone = model.backbone
     if isinstance(backbone, GPT):
         from tinygpt.weights import save_pretrained
         save_pretrained(backbone, out, tokenizer)
@@ -543,14 +549,6 @@ def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
         "token_pos": model.token_pos, "pad_id": int(pad_id), "max_length": int(max_length),
         "backbone": "gpt2" if isinstance(backbone, GPT) else "llama", **(extra or {})})
     return out
-
-
-def _merged_backbone(model: Classifier):
-    """The backbone with any LoRA adapters folded into its weights (what the hub layout holds)."""
-    if not any("lora" in name for name, _ in model.backbone.named_parameters()):
-        return model.backbone
-    from tinygpt.finetune.lora import merge_lora
-    return merge_lora(model.backbone)
 
 
 def _save_hf_tokenizer(tok, out: Path) -> None:
@@ -607,23 +605,11 @@ def load_classifier(model_dir: str | os.PathLike) -> tuple[Classifier, object, d
     return model.eval(), tokenizer, info
 
 
-def load_backbone(path_or_name: str | os.PathLike):
-    """(language model, tokenizer) from a GPT-2 name or hub folder, a Llama hub folder (with
-    tokenizer.json) or a `.gguf` file (the tokenizer from its metadata)."""
-    path = Path(path_or_name)
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
-        from tinygpt.gguf import read_gguf
-        from tinygpt.hf_tokenizer import HFTokenizer
-        from tinygpt.llama_weights import load_gguf
-        metadata, _ = read_gguf(path)
-        return load_gguf(path), HFTokenizer.from_gguf_metadata(metadata, source=str(path))
-    config = path / "config.json"
-    if config.is_file() and "llama" in config.read_text(encoding="utf-8", errors="replace"):
-        from tinygpt.hf_tokenizer import HFTokenizer
-        from tinygpt.llama_weights import load_llama_hf
-        return load_llama_hf(path), HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
+def load_backbone(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights"):
+    """(language model, tokenizer) from a GPT-2 name or folder, a Llama hub folder or a `.gguf`
+    file: `weights.load_pretrained`, the loader every command shares."""
     from tinygpt.weights import load_pretrained
-    return load_pretrained(path_or_name)
+    return load_pretrained(path_or_name, dir)
 
 
 __all__ = ["BOOK_SEED", "Classifier", "ClassificationDataset", "LabelledTexts", "Splits",
