@@ -63,7 +63,8 @@ def test_reply_streams_and_stops_at_the_end_token():
     pieces = []
     reply = complete(model, TOK, [user("Capital of France?")], "alpaca", on_text=pieces.append)
     assert reply.text == "Paris is the capital." == "".join(pieces) and len(pieces) > 2
-    assert reply.finish_reason == "stop" and reply.completion_tokens == len(says("Paris is the capital."))
+    assert reply.finish_reason == "stop"
+    assert reply.completion_tokens == len(says("Paris is the capital."))
     assert model.prompts[0] == TOK.encode(format_prompt({"instruction": "Capital of France?"}))
     assert reply.prompt_tokens == len(model.prompts[0])
 

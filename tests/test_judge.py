@@ -14,7 +14,8 @@ from tinygpt.judge import (JudgeError, endpoint, judge_prompt, query_with_retrie
 
 ENTRIES = [
     {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
-     "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."},
+     "output": "The car is as fast as lightning.",
+     "model_response": "The car is as fast as a bullet."},
     {"instruction": "What type of cloud is typically associated with thunderstorms?", "input": "",
      "output": "The type of cloud typically associated with thunderstorms is cumulonimbus.",
      "model_response": "The type of cloud associated with thunderstorms is a cumulus cloud."},

@@ -67,7 +67,8 @@ def test_models(serve):
     response, payload = request(port, "GET", "/v1/models")
     listing = json.loads(payload)
     assert response.status == 200 and listing["object"] == "list"
-    assert [m["id"] for m in listing["data"]] == ["tiny"] and listing["data"][0]["object"] == "model"
+    assert [m["id"] for m in listing["data"]] == ["tiny"]
+    assert listing["data"][0]["object"] == "model"
     response, payload = request(port, "GET", "/v1/models/tiny")
     assert response.status == 200 and json.loads(payload)["id"] == "tiny"
     response, payload = request(port, "GET", "/v1/models/gpt-4")
@@ -206,7 +207,8 @@ def test_openai_package(serve):
     assert [m.id for m in client.models.list()] == ["tiny"]
     answer = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, seed=1)
     assert answer.choices[0].message.content == "Hello from tinygpt."
-    assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens == len(says("Hello from tinygpt."))
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage.completion_tokens == len(says("Hello from tinygpt."))
     chunks = client.chat.completions.create(model="tiny", messages=HELLO, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Hello from tinygpt."

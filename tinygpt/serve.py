@@ -6,7 +6,8 @@ clients expect (`{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
 reply itself is `chat.complete`'s: the model's template, the context fitted, sampling.
 
     tinygpt serve --model ../shared/fixtures/smollm2-135m-instruct/model.gguf --port 8000
-    curl -s 127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+    curl -s 127.0.0.1:8000/v1/chat/completions \
+        -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
 Any OpenAI client works (`OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")`), and so
 does `tinygpt evaluate --api openai --judge http://127.0.0.1:8000`. Honoured: `temperature`
@@ -25,7 +26,6 @@ import threading
 import time
 import traceback
 import uuid
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 

@@ -1,9 +1,11 @@
 """`tinygpt evaluate`, `tinygpt chat` and `tinygpt serve`: the command-line side of judge.py,
 chat.py and serve.py (flags, model loading, printing). User errors are raised as ValueError.
 
-    python -m tinygpt.commands.serve chat --model ../shared/fixtures/smollm2-135m-instruct/model.gguf
+    python -m tinygpt.commands.serve chat \
+        --model ../shared/fixtures/smollm2-135m-instruct/model.gguf
     python -m tinygpt.commands.serve serve --model MODEL --port 8000 &
-    python -m tinygpt.commands.serve evaluate --responses FILE --api openai --judge http://127.0.0.1:8000
+    python -m tinygpt.commands.serve evaluate --responses FILE --api openai \
+        --judge http://127.0.0.1:8000
 """
 from __future__ import annotations
 
@@ -169,7 +171,7 @@ def run_evaluate(args) -> int:
             response_key=args.response_key, template=args.template, timeout=args.timeout,
             retries=args.retries, backoff=args.backoff,
             api_key=os.environ.get("OPENAI_API_KEY") if args.api == "openai" else None,
-            progress=lambda done, total: bar.update(done - bar.n), log=bar.write)
+            progress=lambda done, total: bar.update(done - bar.n))
     except JudgeError as e:
         raise ValueError(str(e)) from None
     finally:
