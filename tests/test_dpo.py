@@ -14,8 +14,8 @@ from tinygpt.autograd import Tensor
 from tinygpt.commands import dpo as command
 from tinygpt.data import DataLoader
 from tinygpt.finetune.dpo import (DPOObjective, PreferenceDataset, count_tokens, dpo_loss,
-                                  model_logprobs, read_preference_data, sequence_logprobs,
-                                  split_entries)
+                                  model_logprobs, read_preference_data, sequence_logprobs)
+from tinygpt.finetune.instruct import split_instruction_data
 from tinygpt.finetune.templates import format_prompt
 from tinygpt.gradcheck import gradcheck
 from tinygpt.model import GPT, GPTConfig
@@ -51,7 +51,7 @@ def dataset(tok, model=None, template="phi3", **kw) -> PreferenceDataset:
 
 def test_book_data_split_and_tokens(shared):
     path = shared / "data" / "instruction-data-with-preference.json"
-    train_e, test_e, val_e = split_entries(read_preference_data(path))
+    train_e, test_e, val_e = split_instruction_data(read_preference_data(path))
     assert (len(train_e), len(test_e), len(val_e)) == (935, 110, 55)     # the book's split
     assert train_e[0]["instruction"].startswith("Evaluate the following phrase")
     tok = GPT2Tokenizer()
@@ -238,11 +238,11 @@ def test_reduction_of_reference_and_loss_must_agree():
 
 @pytest.fixture
 def tiny_run(tmp_path):
-    """A saved tiny GPT with a character tokenizer and 40 preference entries (alpaca prompts)."""
+    """A saved tiny GPT with GPT-2's tokenizer and 40 preference entries (alpaca prompts)."""
     from tinygpt.weights import save_pretrained
     entries = [dict(ENTRIES[i % 8], instruction=f"Task {i}") for i in range(40)]
-    tok = char_tokenizer(entries, "alpaca")
-    cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=256, n_layer=1, n_head=2, n_embd=16)
+    tok = GPT2Tokenizer()
+    cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16)
     save_pretrained(GPT(cfg), tmp_path / "model", tokenizer=tok)
     data = tmp_path / "prefs.json"
     data.write_text(json.dumps(entries))
@@ -272,7 +272,7 @@ def test_command_trains_logs_and_saves(tiny_run, capsys):
 def test_command_with_lora_saves_adapters(tiny_run, capsys):
     pytest.importorskip("tinygpt.finetune.lora")
     tmp_path, data = tiny_run
-    assert run_command(tmp_path, data, "--lora-rank", "2") == 0
+    assert run_command(tmp_path, data, "--lora-rank", "2", "--responses", "0") == 0
     assert "trainable" in capsys.readouterr().out
     assert (tmp_path / "run" / "lora.json").is_file()
 

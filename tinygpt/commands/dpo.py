@@ -103,34 +103,6 @@ def load_model(path: str):
     return load_pretrained(path, download=False)
 
 
-def _eos_id(tokenizer, template: str) -> int | None:
-    """The id that ends a response: the template's end token if it is one, else end-of-text."""
-    from tinygpt.finetune.templates import get_template
-    try:
-        ids = tokenizer.encode(get_template(template).end_token)
-    except (ValueError, KeyError):
-        ids = []
-    return ids[0] if len(ids) == 1 else getattr(tokenizer, "eot_id", None)
-
-
-def responses(model, tokenizer, entries: list[dict], template: str,
-              max_new_tokens: int) -> list[str]:
-    """Greedy, eos-stopped responses, prompt and header stripped (templates.extract_response)."""
-    from tinygpt.finetune.templates import extract_response, format_prompt
-    from tinygpt.generate import generate
-    eos = _eos_id(tokenizer, template)
-    out = []
-    for entry in entries:
-        prompt = format_prompt(entry, template)
-        ids = np.asarray([tokenizer.encode(prompt)], dtype=np.int64)
-        room = min(max_new_tokens, model.config.block_size - ids.shape[1])
-        new = generate(model, ids, max(room, 0), eos_id=eos)[0, ids.shape[1]:].tolist()
-        if eos in new:
-            new = new[:new.index(eos)]
-        out.append(extract_response(prompt + tokenizer.decode(new), entry, template))
-    return out
-
-
 def _print_responses(title: str, entries: list[dict], texts: list[str]) -> None:
     for i, (entry, text) in enumerate(zip(entries, texts)):
         print(f"--- {title}, test entry {i}: {entry['instruction']}"
@@ -156,8 +128,10 @@ class _EvalClock:
 
 
 def _datasets(args, tokenizer, model):
-    from tinygpt.finetune.dpo import PreferenceDataset, read_preference_data, split_entries
-    train_entries, test_entries, val_entries = split_entries(read_preference_data(args.data))
+    from tinygpt.finetune.dpo import PreferenceDataset, read_preference_data
+    from tinygpt.finetune.instruct import split_instruction_data
+    train_entries, test_entries, val_entries = split_instruction_data(
+        read_preference_data(args.data))
     train_entries = train_entries[:args.train_size or None]
     val_entries = val_entries[:args.val_size or None]
     if len(train_entries) < args.batch_size:
@@ -166,14 +140,15 @@ def _datasets(args, tokenizer, model):
     if not val_entries:
         raise ValueError(f"{args.data}: too few entries for a validation split")
     max_length = min(args.allowed_max_length, model.config.block_size)
-    make = lambda entries: PreferenceDataset(entries, tokenizer, args.template,   # noqa: E731
-                                             args.mask_prompt, max_length)
-    return make(train_entries), make(val_entries), test_entries
+    train_ds, val_ds = (PreferenceDataset(entries, tokenizer, args.template, args.mask_prompt,
+                                          max_length) for entries in (train_entries, val_entries))
+    return train_ds, val_ds, test_entries
 
 
 def run(args) -> int:
     from tinygpt.data import DataLoader
     from tinygpt.finetune.dpo import DPOObjective, count_tokens
+    from tinygpt.finetune.instruct import generate_responses
     from tinygpt.train import TrainConfig, train
     _check_args(args)
     objective = DPOObjective(args.beta, args.reduction)
@@ -187,7 +162,7 @@ def run(args) -> int:
         n = apply_lora(model, args.lora_rank, args.lora_alpha, rng=args.seed)
         print(f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}: {n:,} trainable")
     shown = test_entries[:args.responses]
-    before = responses(model, tokenizer, shown, args.template, args.max_new_tokens)
+    before = generate_responses(model, tokenizer, shown, args.template, args.max_new_tokens)
     start = time.perf_counter()
     for ds in (train_ds, val_ds):          # the frozen starting model, once per entry
         ds.set_reference(model, args.reduction, args.batch_size, progress=True)
@@ -205,11 +180,11 @@ def run(args) -> int:
     result = train(model, train_loader, val_loader, cfg, loss_fn=loss_fn,
                    metrics=objective.metrics(), log=print, count_tokens=count_tokens,
                    extra={"data": str(args.data), "model": str(args.model)})
-    after = responses(model, tokenizer, shown, args.template, args.max_new_tokens)
+    after = generate_responses(model, tokenizer, shown, args.template, args.max_new_tokens)
     steps = max(len(result.steps), 1)
     print(f"{len(result.steps)} steps in {result.seconds:.1f} s, of which evaluations "
           f"{loss_fn.seconds:.1f} s: {(result.seconds - loss_fn.seconds) / steps:.2f} s per step "
-          f"(batch {args.batch_size}); peak RSS "
+          f"(batch {args.batch_size}; the final checkpoint's write included); peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
     _print_responses("before", shown, before)
     _print_responses("after", shown, after)

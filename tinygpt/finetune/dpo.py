@@ -19,10 +19,10 @@ and travel with the batches. The book instead keeps a second copy of the model i
 runs it on every batch; precomputing means a laptop holds one model in memory, and the reference
 costs one forward pass per entry in total instead of one per step.
 
-Owns: `read_preference_data`, `split_entries` (the book's 935/110/55 in file order),
-`PreferenceDataset` (tokens, collate, reference log-probs), `sequence_logprobs`,
-`model_logprobs`, `dpo_loss` and `DPOObjective` (train()'s loss_fn and metrics). The prompt text
-comes from `templates.py`, the loop from `train.py`, the command line from `commands/dpo.py`.
+Owns: `read_preference_data`, `PreferenceDataset` (tokens, collate, reference log-probs),
+`sequence_logprobs`, `model_logprobs`, `dpo_loss` and `DPOObjective` (train()'s loss_fn and
+metrics). The prompt text comes from `templates.py`, the book's 935/110/55 split and the greedy
+responses from `instruct.py`, the loop from `train.py`, the command line from `commands/dpo.py`.
 
     python -m tinygpt finetune-dpo --model gpt2 --out runs/dpo \\
         --data ../shared/data/instruction-data-with-preference.json
@@ -42,7 +42,6 @@ from tinygpt.finetune.templates import format_prompt
 
 IGNORE = -100                    # cross_entropy's ignore_index: positions that are not scored
 REDUCTIONS = ("mean", "sum")     # mean over response tokens (the book's) or their sum
-TRAIN_FRACTION, TEST_FRACTION = 0.85, 0.10   # the book's split, in file order; val is the rest
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -73,13 +72,6 @@ def read_preference_data(path: str | Path) -> list[dict]:
         if not isinstance(entry.get("input", ""), str):
             raise ValueError(f"{path}: entry {i}'s 'input' is not text")
     return data
-
-
-def split_entries(entries: Sequence[dict]) -> tuple[list, list, list]:
-    """(train, test, val) in file order, no shuffle: 85 %, 10 %, the rest (1,100: 935/110/55)."""
-    n_train, n_test = int(len(entries) * TRAIN_FRACTION), int(len(entries) * TEST_FRACTION)
-    entries = list(entries)
-    return (entries[:n_train], entries[n_train:n_train + n_test], entries[n_train + n_test:])
 
 
 def _pad_id(tokenizer) -> int:
