@@ -140,10 +140,13 @@ def test_merged_and_unmerged_logits_agree(make):
     base_logits = make()(IDX).data
     unmerged = model(IDX).data
     assert np.abs(unmerged - base_logits).max() > 1e-2        # the adapters do something
+    fingerprint = base_fingerprint(model)
     merge(model)
+    assert base_fingerprint(model) != fingerprint
     np.testing.assert_allclose(model(IDX).data, unmerged, rtol=0, atol=MERGE_ATOL)
     unmerge(model)
-    np.testing.assert_allclose(model(IDX).data, unmerged, rtol=0, atol=MERGE_ATOL)
+    np.testing.assert_array_equal(model(IDX).data, unmerged)          # the base W restored
+    assert base_fingerprint(model) == fingerprint
 
 
 def test_a_merged_model_saves_as_a_plain_hub_model(tmp_path):

@@ -23,7 +23,8 @@ What this module does to a model:
   anyway), and a merged model saves as a plain untied hub-layout model. The head's adapter enters
   through `head_weight()` as W + (alpha/r) A @ B (see `_adapted_head_weight`).
 - `merge(model)` folds (alpha/r) A @ B into each W (generation then costs what the base model
-  costs); `unmerge(model)` subtracts it again (equal up to float32 rounding).
+  costs); `unmerge(model)` puts the base W back exactly; `unload(model)` merges for good and
+  leaves plain Linears (a model `save_pretrained` writes like any other).
 - `save_adapter` writes only the adapters (`lora.safetensors`, a few MB) and `lora.json` (rank,
   alpha, targets, the wrapped layers and a fingerprint of the base model); `load_adapter` puts them
   on a base model and refuses one with another architecture, other weights or another rank.
@@ -105,15 +106,17 @@ class LoRALinear(Module):
         return y if self.merged else y + self.delta(x)
 
     def merge(self) -> None:
+        """W <- W + (alpha/r) A @ B; the base W is kept (one more copy while merged), so that
+        `unmerge` restores it bit for bit rather than up to the rounding of a subtraction."""
         if not self.merged:
             with no_grad():
-                self.weight.data = self.weight.data + self.delta_weight().data
+                self._base = self.weight.data
+                self.weight.data = self._base + self.delta_weight().data
             self.merged = True
 
     def unmerge(self) -> None:
         if self.merged:
-            with no_grad():
-                self.weight.data = self.weight.data - self.delta_weight().data
+            self.weight.data, self._base = self._base, None
             self.merged = False
 
 
@@ -203,7 +206,7 @@ def merge(model: Module) -> Module:
 
 
 def unmerge(model: Module) -> Module:
-    """Undo `merge`: W -= (alpha/r) A @ B (equal to the unmerged W up to float32 rounding)."""
+    """Undo `merge`: the base weights exactly as they were."""
     for layer in lora_layers(model).values():
         layer.unmerge()
     return model
