@@ -17,6 +17,7 @@ import pytest
 
 from tinygpt.commands import classify as cmd
 from tinygpt.finetune import classify as C
+from tinygpt.finetune import classify_data as D
 from tinygpt.llama import Llama, LlamaConfig
 from tinygpt.model import GPT, GPTConfig
 from tinygpt.tokenizer import CharTokenizer, GPT2Tokenizer
@@ -362,7 +363,7 @@ def test_default_data_falls_back_to_the_backup_url_and_is_checked(zip_server, em
 
 def test_offline_default_data_is_one_line_saying_to_pass_data(empty_places, tmp_path, capsys,
                                                               monkeypatch):
-    monkeypatch.setattr(C, "SMS_URLS", ("http://127.0.0.1:9/sms.zip",))   # nothing listens
+    monkeypatch.setattr(D, "SMS_URLS", ("http://127.0.0.1:9/sms.zip",))   # nothing listens
     with pytest.raises(C.DownloadError, match="SMSSpamCollection is not in"):
         C.sms_spam_file(progress=False)
     rc, out, err = _run(["finetune-classifier", "--random-init", "--model", "gpt-mini",

@@ -83,7 +83,7 @@ def add_parsers(subparsers) -> None:
 def run_finetune(args) -> int:
     from tinygpt.checkpoint import prepare_run_dir
     from tinygpt.finetune import classify as C
-    from tinygpt.train import TrainingDiverged
+    from tinygpt.train import TrainConfig, TrainingDiverged
     _check_flags(args)
     prepare_run_dir(args.out, resume=False)              # writable, before any time is spent
     data = C.read_labelled(_data_path(args), args.text_col, args.label_col)
@@ -113,53 +113,22 @@ def run_finetune(args) -> int:
     print(f"model {args.model}: {model.num_parameters():,} parameters, "
           f"{model.num_parameters(trainable_only=True):,} trainable ({args.trainable}); "
           f"token position {args.token_pos}; loaded in {time.perf_counter() - start:.1f} s")
+    cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
+                      max_seconds=args.max_seconds, lr=args.lr, weight_decay=args.weight_decay,
+                      grad_clip=0.0, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+                      seed=args.seed, sample_tokens=0)      # the book: no clipping or schedule
     try:
-        result = run_training(model, splits, args)
+        result = C.finetune_classifier(model, splits, cfg, args.out, log=print,
+                                       progress=not args.quiet)
     except TrainingDiverged as e:
         raise ValueError(str(e)) from None
     C.save_classifier(model, args.out, tok, splits.label_names, pad_id, splits.max_length,
                       extra={"model": str(args.model), "trainable": args.trainable})
-    print(f"done in {result['seconds']:.0f} s of training: accuracy train "
+    print(f"done in {result['train_seconds']:.0f} s of training: accuracy train "
           f"{result['train_accuracy']:.2%}, val {result['val_accuracy']:.2%}, test "
           f"{result['test_accuracy']:.2%}; classifier in {args.out} (tinygpt classify --model "
           f"{args.out} TEXT)")
     return 0
-
-
-def run_training(model, splits, args, log=print) -> dict:
-    """Train with the book's settings through `train()`, score every split in full before and
-    after, write log.csv (test columns included) and results.json; return the results."""
-    from pathlib import Path
-
-    from tinygpt.checkpoint import write_log
-    from tinygpt.fileio import write_json_atomic
-    from tinygpt.finetune import classify as C
-    from tinygpt.train import TrainConfig, evaluate, train
-    out = Path(args.out)
-    cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-                      max_seconds=args.max_seconds, lr=args.lr, weight_decay=args.weight_decay,
-                      grad_clip=0.0, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
-                      seed=args.seed, sample_tokens=0)          # the book: no clipping or schedule
-    metrics = {"accuracy": C.accuracy}
-
-    def add_test(row: dict, result) -> None:        # train() scores train and val; test here
-        scores = evaluate(model, splits.test, cfg.eval_iter, C.classification_loss, metrics)
-        row["test_loss"], row["test_accuracy"] = scores["loss"], scores["accuracy"]
-        write_log(result.evals, out)
-
-    before = {name: C.evaluate_split(model, loader)["accuracy"]
-              for name, loader in (("val", splits.val), ("test", splits.test))}
-    log(f"before training: accuracy val {before['val']:.2%}, test {before['test']:.2%}")
-    result = train(model, splits.train, splits.val, cfg, loss_fn=C.classification_loss,
-                   metrics=metrics, log=log, progress=not args.quiet, on_eval=add_test,
-                   count_tokens=lambda batch: int(batch[1].sum()))
-    final = {name: C.evaluate_split(model, loader) for name, loader in
-             (("train", splits.train), ("val", splits.val), ("test", splits.test))}
-    results = {"steps": result.step, "seconds": result.seconds,
-               **{f"before_{k}_accuracy": v for k, v in before.items()},
-               **{f"{k}_{m}": final[k][m] for k in final for m in ("loss", "accuracy", "n")}}
-    write_json_atomic(out / "results.json", results)
-    return results
 
 
 def _backbone(args):

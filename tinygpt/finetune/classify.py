@@ -1,11 +1,11 @@
 """The book's chapter 6: fine-tune a pretrained language model into a text classifier (spam or not).
 
 This module owns the classifier's pieces, each handed to the one training loop (`tinygpt.train`):
-reading a labelled table (the SMS Spam Collection exactly as the book's pandas call reads it, or
-any CSV/TSV/JSONL), balancing and splitting it with the book's seeds, a padded dataset with
-`__len__`/`batch` for `tinygpt.data.DataLoader`, the `Classifier` (a linear head on any
-`CausalLM`'s hidden states), which parameters train, the loss and the accuracy metric, scoring
-whole splits, and saving/loading the classifier. The command line is `tinygpt/commands/classify.py`.
+the `Classifier` (a linear head on any `CausalLM`'s hidden states), which parameters train, the
+loss and the accuracy metric, scoring whole splits, a whole run (`finetune_classifier`), and
+saving/loading the classifier. The data (the SMS Spam Collection read as the book's pandas call
+reads it, the book's seeds, the padded dataset) is `classify_data.py`'s, re-exported here; the
+command line is `tinygpt/commands/classify.py`.
 
     x = backbone.hidden(ids)                 (B, T, C)   GPT-2 or Llama, after the final norm
     h = x[b, pos_b]                          (B, C)      pos: last real token (default), ...
@@ -21,294 +21,27 @@ since under causal attention they cannot change any earlier position.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import os
-import zipfile
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from tinygpt import functional as F
 from tinygpt.autograd import Tensor, is_grad_enabled, no_grad
 from tinygpt.data import DataLoader
-from tinygpt.download import DownloadError, cache_dir, download_file, shared_data_dir
-from tinygpt.fileio import atomic_write, write_json_atomic
+from tinygpt.fileio import write_json_atomic
+from tinygpt.finetune.classify_data import (  # noqa: F401 (re-exported: the data side)
+    BOOK_SEED, SMS_FILE, ClassificationDataset, DownloadError, LabelledTexts, Splits, balance,
+    pad_id_of, read_labelled, sms_spam_file, spam_splits, split)
 from tinygpt.model import check_token_ids
 from tinygpt.nn import Embedding, Linear, Module
 
-BOOK_SEED = 123                   # every random draw of the book's chapter 6
 TOKEN_POSITIONS = ("last-real", "last", "first", "mean")
 TRAINABLE = ("last-block", "last-two-blocks", "all", "head", "lora")
-SMS_FILE = "SMSSpamCollection"
-SMS_SHA256 = "edc1f2ca36319ca36c6f80fede2f6ae5f81335289352485f3924df077ec20266"
-SMS_URLS = ("https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
-            "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip")
 CLASSIFIER_FILE, HEAD_FILE = "classifier.json", "classifier.safetensors"
-
-
-# --- data: read, balance, split ------------------------------------------------------------------
-
-@dataclass
-class LabelledTexts:
-    """Texts with their labels as strings, in file order; `source` names the file."""
-    texts: list[str]
-    labels: list[str]
-    source: str
-
-    def label_names(self) -> list[str]:
-        """Sorted label names; class k is label_names[k] (the book: ham 0, spam 1)."""
-        return sorted(set(self.labels))
-
-
-def read_labelled(path: str | os.PathLike, text_col: str | None = None,
-                  label_col: str | None = None) -> LabelledTexts:
-    """Read `path`: `.csv`/`.tsv` with a header row, `.jsonl` of objects, or else the SMS Spam
-    Collection's headerless `label<TAB>text` lines.
-
-    Fields are read like pandas' `read_csv(sep="\\t", header=None)`, the book's call: a field
-    that starts with `"` runs to its closing quote, across tabs and newlines (`""` is a quote).
-    That is why the UCI file's 5,574 lines are 5,572 messages (4,825 ham, 747 spam).
-    Columns default to `text` and `label`, matched without case if not found exactly.
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"data file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = _jsonl_rows(raw, path)
-    elif suffix in (".csv", ".tsv"):
-        rows = _csv_rows(raw, "," if suffix == ".csv" else "\t", path, header=True)
-    else:
-        if text_col is not None or label_col is not None:
-            raise ValueError(f"{path}: a file of label<TAB>text lines has no header, so no "
-                             "--text-col/--label-col (name the file .csv, .tsv or .jsonl)")
-        rows = _csv_rows(raw, "\t", path, header=False)
-    texts, labels = _columns(rows, path, text_col or "text", label_col or "label")
-    if len(set(labels)) < 2:
-        raise ValueError(f"{path}: every row has label {labels[0]!r} if any: a classifier needs "
-                         "at least two classes")
-    return LabelledTexts(texts, labels, str(path))
-
-
-def _csv_rows(raw: str, delimiter: str, path: Path, header: bool):
-    """(row number, {column: value}) per record; headerless files get columns label, text."""
-    reader = csv.reader(io.StringIO(raw, newline=""), delimiter=delimiter)
-    names = ["label", "text"]
-    if header:
-        names = next(reader, None)
-        if not names:
-            raise ValueError(f"{path}: empty file (expected a header row)")
-    start = reader.line_num + 1
-    for fields in reader:
-        if fields:                                       # pandas skips blank lines too
-            if len(fields) != len(names):
-                what = ("has no tab: expected label<TAB>text" if not header and len(fields) == 1
-                        else f"has {len(fields)} fields, the header {len(names)}" if header
-                        else f"has {len(fields)} tab-separated fields, expected 2")
-                raise ValueError(f"{path}: row {start} {what}")
-            yield start, dict(zip(names, fields))
-        start = reader.line_num + 1
-
-
-def _jsonl_rows(raw: str, path: Path):
-    for n, line in enumerate(raw.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {n} is not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: row {n} is not a JSON object")
-            yield n, row
-
-
-def _columns(rows, path: Path, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
-    texts, labels, keys = [], [], None
-    for n, row in rows:
-        if keys is None:
-            keys = {want: _find_column(row, want, path, flag)
-                    for want, flag in ((text_col, "--text-col"), (label_col, "--label-col"))}
-        text, label = row.get(keys[text_col]), row.get(keys[label_col])
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}: row {n} has an empty or missing text")
-        if label is None or isinstance(label, (dict, list)) or str(label) == "":
-            raise ValueError(f"{path}: row {n} has an empty or missing label")
-        texts.append(text)
-        labels.append(str(label))
-    if keys is None:
-        raise ValueError(f"{path}: no rows")
-    return texts, labels
-
-
-def _find_column(row: dict, want: str, path: Path, flag: str) -> str:
-    if want in row:
-        return want
-    folded = [k for k in row if k.lower() == want.lower()]
-    if len(folded) == 1:
-        return folded[0]
-    raise ValueError(f"{path}: no column {want!r} ({flag}); columns are {', '.join(map(str, row))}")
-
-
-def balance(labels: np.ndarray, seed: int = BOOK_SEED) -> np.ndarray:
-    """Row indices with every class cut down to the smallest one's size, class after class.
-
-    The book's `create_balanced_dataset`: `ham.sample(n_spam, random_state=123)`, which is
-    `RandomState(123).choice(n_ham, n_spam, replace=False)` on the ham rows, then all spam rows.
-    """
-    counts = np.bincount(labels)
-    n = counts[counts > 0].min()
-    picked = []
-    for k in np.flatnonzero(counts):
-        rows = np.flatnonzero(labels == k)
-        if len(rows) > n:
-            rows = rows[np.random.RandomState(seed).choice(len(rows), n, replace=False)]
-        picked.append(rows)
-    return np.concatenate(picked)
-
-
-def split(rows: np.ndarray, train_frac: float = 0.7, val_frac: float = 0.1,
-          seed: int = BOOK_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shuffle, then cut into train/val/test: the book's `random_split` (`df.sample(frac=1,
-    random_state=123)`, i.e. `RandomState(123).choice(n, n, replace=False)`); 1,494 -> 1,045/149/300."""
-    n = len(rows)
-    rows = rows[np.random.RandomState(seed).choice(n, n, replace=False)]
-    train_end = int(n * train_frac)
-    val_end = train_end + int(n * val_frac)
-    return rows[:train_end], rows[train_end:val_end], rows[val_end:]
-
-
-# --- the default data file -----------------------------------------------------------------------
-
-def sms_spam_file(urls: Sequence[str] | None = None, *, progress: bool = True,
-                  timeout: float = 30.0) -> Path:
-    """The UCI SMS Spam Collection on disk: ../shared/data/SMSSpamCollection, else the cache's
-    copy, else the UCI zip (or the book's backup URL) downloaded into the cache (resumable) and
-    the file extracted from it, checked against its sha256. Offline, one DownloadError line."""
-    shared, cached = shared_data_dir() / SMS_FILE, cache_dir() / SMS_FILE
-    if shared.is_file():
-        return shared
-    if cached.is_file() and _sha256(cached.read_bytes()) == SMS_SHA256:
-        return cached
-    zipped = cache_dir() / "sms+spam+collection.zip"
-    errors, urls = [], SMS_URLS if urls is None else urls
-    try:
-        zipped.parent.mkdir(parents=True, exist_ok=True)
-        for url in urls:
-            try:
-                download_file(url, zipped, progress=progress, timeout=timeout, retries=1)
-                return _extract_sms(zipped, cached, url)
-            except DownloadError as e:
-                errors.append(str(e))
-    except OSError as e:                                 # an unwritable cache
-        errors.append(str(e))
-    raise DownloadError(f"{SMS_FILE} is not in {shared.parent} or {cached.parent}, and fetching "
-                        f"it failed: {'; '.join(errors)}")
-
-
-def _extract_sms(zipped: Path, dest: Path, url: str) -> Path:
-    try:
-        with zipfile.ZipFile(zipped) as z:
-            data = z.read(SMS_FILE)
-    except (zipfile.BadZipFile, KeyError) as e:
-        zipped.unlink(missing_ok=True)
-        zipped.with_name(zipped.name + ".sha256").unlink(missing_ok=True)
-        raise DownloadError(f"{url}: not a zip holding {SMS_FILE} ({e}); removed, run again")
-    if _sha256(data) != SMS_SHA256:
-        raise DownloadError(f"{url}: {SMS_FILE} in the zip has sha256 {_sha256(data)}, "
-                            f"expected {SMS_SHA256}")
-    with atomic_write(dest) as f:
-        f.write(data)
-    return dest
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# --- dataset -------------------------------------------------------------------------------------
-
-def pad_id_of(tokenizer) -> int | None:
-    """The id a tokenizer pads with: its eos if it names one (SmolLM2: 2, <|im_end|>), else its
-    end-of-text (GPT-2: 50256, the book's choice); None if it has neither."""
-    eos = getattr(tokenizer, "eos_id", None)
-    return eos if eos is not None else getattr(tokenizer, "eot_id", None)
-
-
-class ClassificationDataset:
-    """Token ids right-padded to one length (B, L), their real lengths (B,) and labels (B,).
-
-    The book's `SpamDataset`: `max_length=None` pads to the longest text (the SMS training split:
-    120 GPT-2 tokens); validation and test pass the training length and are cut to it.
-    `batch(indices)` -> (ids, lengths, labels), the tuple the loss and metrics take.
-    """
-
-    def __init__(self, ids: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int,
-                 max_length: int | None = None):
-        if not len(ids):
-            raise ValueError("a classification dataset needs at least one text")
-        longest = max(len(t) for t in ids)
-        self.max_length = longest if max_length is None else max_length
-        self.n_truncated = sum(len(t) > self.max_length for t in ids)
-        self.ids = np.full((len(ids), self.max_length), pad_id, dtype=np.int64)
-        self.lengths = np.zeros(len(ids), dtype=np.int64)
-        for i, t in enumerate(ids):
-            t = t[:self.max_length]
-            self.ids[i, :len(t)] = t
-            self.lengths[i] = len(t)
-        if self.lengths.min() == 0:
-            raise ValueError(f"text {int(self.lengths.argmin())} has no tokens")
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    @classmethod
-    def from_texts(cls, texts: Sequence[str], labels: Sequence[int], tokenizer, pad_id: int,
-                   max_length: int | None = None) -> ClassificationDataset:
-        return cls([tokenizer.encode(t) for t in texts], labels, pad_id, max_length)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.ids[indices], self.lengths[indices], self.labels[indices]
-
-
-@dataclass
-class Splits:
-    """The three loaders of a classification run, and what they were built from."""
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader
-    label_names: list[str]
-    max_length: int
-
-
-def spam_splits(data: LabelledTexts, tokenizer, pad_id: int, *, batch_size: int = 8,
-                balanced: bool = True, max_length: int | None = None,
-                seed: int = BOOK_SEED) -> Splits:
-    """The book's pipeline: balance, split 70/10/20, tokenize, pad to the longest training text
-    (capped at `max_length`, e.g. the model's block_size), batch. Training batches are shuffled
-    and drop the last short one (1,045 -> 130 batches of 8); validation and test are not."""
-    names = data.label_names()
-    labels = np.array([names.index(s) for s in data.labels], dtype=np.int64)
-    rows = balance(labels, seed) if balanced else np.arange(len(labels))
-    parts = split(rows, seed=seed)
-    ids = [tokenizer.encode(data.texts[i]) for i in parts[0]]
-    train = ClassificationDataset(ids, labels[parts[0]], pad_id)
-    if max_length is not None and train.max_length > max_length:
-        train = ClassificationDataset(ids, labels[parts[0]], pad_id, max_length)
-    L = train.max_length
-    val, test = (ClassificationDataset.from_texts([data.texts[i] for i in p], labels[p],
-                                                  tokenizer, pad_id, L) for p in parts[1:])
-    return Splits(DataLoader(train, batch_size, shuffle=True, drop_last=True, seed=seed),
-                  DataLoader(val, batch_size), DataLoader(test, batch_size), names, L)
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -517,6 +250,76 @@ def predict(model: Classifier, ids: Sequence[Sequence[int]], pad_id: int,
     return np.concatenate(out)
 
 
+# --- a whole run ---------------------------------------------------------------------------------
+
+def finetune_classifier(model: Classifier, splits: Splits, cfg, out_dir: str | os.PathLike,
+                        log: Callable[[str], None] | None = None,
+                        progress: bool = True) -> dict:
+    """Train through `tinygpt.train.train` (the classification loss, accuracy as its metric)
+    and return the results, also written to `out_dir/results.json`.
+
+    Every split is scored in full before training and at the end, and the test split at the
+    end of each epoch; `log.csv` gets the test split's loss and accuracy beside train's and
+    val's at every evaluation (over `cfg.eval_iter` batches, as the book's evaluate_model).
+    """
+    from tinygpt.checkpoint import prepare_run_dir, write_log
+    from tinygpt.train import evaluate, train
+    out = prepare_run_dir(str(out_dir), resume=False)
+    say = log or (lambda msg: None)
+    metrics = {"accuracy": accuracy}
+    start = time.perf_counter()
+
+    def add_test(row: dict, result) -> None:        # train() scores train and val; test here
+        scores = evaluate(model, splits.test, cfg.eval_iter, classification_loss, metrics)
+        row["test_loss"], row["test_accuracy"] = scores["loss"], scores["accuracy"]
+        write_log(result.evals, out)
+
+    epochs = []
+
+    def end_of_epoch(epoch: int) -> None:
+        test = evaluate_split(model, splits.test)["accuracy"]
+        epochs.append({"epoch": epoch, "test_accuracy": test,
+                       "seconds": time.perf_counter() - start})
+        say(f"epoch {epoch}: test accuracy {test:.2%} ({epochs[-1]['seconds']:.0f} s)")
+
+    before = {name: evaluate_split(model, loader) for name, loader in
+              (("val", splits.val), ("test", splits.test))}
+    say(f"before training: accuracy val {before['val']['accuracy']:.2%}, test "
+        f"{before['test']['accuracy']:.2%}")
+    result = train(model, _EpochEnds(splits.train, end_of_epoch), splits.val, cfg,
+                   loss_fn=classification_loss, metrics=metrics, log=log, progress=progress,
+                   on_eval=add_test, count_tokens=lambda batch: int(batch[1].sum()))
+    final = {name: evaluate_split(model, loader) for name, loader in
+             (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    done = result.step / len(splits.train)          # epochs done; a fraction after max_steps
+    if not epochs or epochs[-1]["epoch"] < done:    # the last pass ends without asking for more
+        epochs.append({"epoch": round(done, 3), "test_accuracy": final["test"]["accuracy"],
+                       "seconds": time.perf_counter() - start})
+    results = {"steps": result.step, "train_seconds": result.seconds,
+               "seconds": time.perf_counter() - start, "epochs": epochs,
+               **{f"before_{k}_accuracy": v["accuracy"] for k, v in before.items()},
+               **{f"{k}_{m}": final[k][m] for k in final for m in ("loss", "accuracy", "n")}}
+    write_json_atomic(out / "results.json", results)
+    return results
+
+
+class _EpochEnds:
+    """A training loader that calls `at_end(epoch)` each time a pass over it is used up (once
+    train() has stepped on its last batch), for scores at epoch boundaries."""
+
+    def __init__(self, loader: DataLoader, at_end: Callable[[int], None]):
+        self.loader, self.at_end, self.epoch = loader, at_end, 0
+        self.rng = loader.rng                      # train() saves and restores the shuffle
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from self.loader
+        self.epoch += 1
+        self.at_end(self.epoch)
+
+
 # --- save and load -------------------------------------------------------------------------------
 
 def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
@@ -614,6 +417,6 @@ def load_backbone(path_or_name: str | os.PathLike, dir: str | os.PathLike = "wei
 
 __all__ = ["BOOK_SEED", "Classifier", "ClassificationDataset", "LabelledTexts", "Splits",
            "TOKEN_POSITIONS", "TRAINABLE", "accuracy", "balance", "classification_loss",
-           "evaluate_split", "load_backbone", "load_classifier", "pad_id_of", "predict",
-           "read_labelled", "save_classifier", "set_trainable", "sms_spam_file", "spam_splits",
-           "split"]
+           "evaluate_split", "finetune_classifier", "load_backbone", "load_classifier",
+           "pad_id_of", "predict", "read_labelled", "save_classifier", "set_trainable",
+           "sms_spam_file", "spam_splits", "split"]
