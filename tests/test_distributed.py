@@ -10,6 +10,7 @@ This file is also the script the ranks run:  python -m tests.test_distributed OU
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,7 @@ def test_two_ranks_equal_one_rank(two_rank_run, tmp_path):
 def test_resumed_two_rank_run_is_bit_identical(two_rank_run, tmp_path):
     out = tmp_path / "resumed"
     _ok(_mpirun(2, str(out), "--max-steps", "4"))
+    shutil.copytree(out, tmp_path / "on-one-rank")
     _ok(_mpirun(2, str(out), "--max-steps", "8", "--resume"))
     a, b = _arrays(two_rank_run), _arrays(out)
     assert a.keys() == b.keys()
@@ -162,6 +164,12 @@ def test_resumed_two_rank_run_is_bit_identical(two_rank_run, tmp_path):
     full = json.loads((two_rank_run / "result.json").read_text())
     resumed = json.loads((out / "result.json").read_text())
     assert resumed["losses"] == full["losses"][4:] and resumed["evals"] == full["evals"]
+    # the same checkpoint resumes on 1 rank: the 2-rank run up to float32 summation order
+    one = run(str(tmp_path / "on-one-rank"), resume=True, use_mpi=False)
+    np.testing.assert_allclose(one["losses"], full["losses"][4:], rtol=LOSS_RTOL)
+    c = _arrays(tmp_path / "on-one-rank")
+    for name in a:
+        np.testing.assert_allclose(c[name], a[name], rtol=0, atol=PARAM_ATOL, err_msg=name)
 
 
 def test_ranks_that_disagree_on_the_config_stop_at_the_start(tmp_path):
@@ -188,6 +196,12 @@ def test_one_process_context_changes_nothing():
     data = [1, 2, 3]
     assert (ctx.rank, ctx.world, ctx.is_main) == (0, 1, True) and ctx.shard(data) is data
     assert ctx.train_kwargs()["grad_hook"] is None
+
+
+def test_missing_mpi4py_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)      # import mpi4py raises ImportError
+    with pytest.raises(distributed.DistributedError, match=r"pip install -e '\.\[mpi\]'"):
+        distributed.setup(use_mpi=True)
 
 
 def test_shards_cover_the_batch_once():

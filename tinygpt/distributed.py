@@ -97,6 +97,7 @@ class Context:
         self.allreduce_seconds, self.grad_steps = 0.0, 0     # gradient all-reduces only
         self._collectives = 0
         self._synced_once = False
+        self._names: dict[int, str] = {}                     # id(parameter) -> its name
 
     # --- the job as a whole ------------------------------------------------------------------
 
@@ -194,12 +195,13 @@ class Context:
         if self.world == 1:
             return
         params = [p for _, p in model.named_parameters()]
+        self._names = {id(p): name for name, p in model.named_parameters()}
         for bucket in _buckets(params):
             self._each_bucket([p.data for p in bucket], "the parameter broadcast",
                               lambda buf: self.comm.Ibcast(buf, root=0))
-        self.check_same_parameters(params, "after the broadcast", model)
+        self.check_same_parameters(params, "after the broadcast")
 
-    def check_same_parameters(self, params: list[Tensor], when: str, model=None) -> None:
+    def check_same_parameters(self, params: list[Tensor], when: str) -> None:
         """Raise naming the first parameter whose CRC-32 differs between ranks."""
         if self.world == 1:
             return
@@ -208,8 +210,7 @@ class Context:
         self._collective(lambda: self.comm.Iallgather(crcs, every), "the parameter checksum")
         bad = np.nonzero((every != every[0]).any(axis=0))[0]
         if len(bad):
-            names = [n for n, _ in model.named_parameters()] if model is not None else None
-            which = names[bad[0]] if names else f"parameter {bad[0]}"
+            which = self._names.get(id(params[bad[0]]), f"parameter {bad[0]}")
             ranks = np.nonzero(every[:, bad[0]] != every[0, bad[0]])[0].tolist()
             raise DistributedError(f"rank {self.rank}: parameters differ between ranks {when}: "
                                    f"{which} (and {len(bad) - 1} more) on rank(s) {ranks} "
