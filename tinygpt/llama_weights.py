@@ -114,32 +114,33 @@ def _load_gguf(path: Path, metadata: dict, tensors: dict, keep_quantized: bool =
             raise ValueError(f"{path}: tensor {name!r} is not part of a Llama model")
         mapped[ours] = t
     _check_fit(path, params, {n: _our_shape(n, t.shape) for n, t in mapped.items()})
-    on_tensor = None
-    if pack is not None:
-        from tinygpt.inference import packer
-        on_tensor = packer(model, pack)
     for ours, t in mapped.items():
         heads = {"q_proj.weight": cfg.n_head, "k_proj.weight": cfg.n_kv_head}.get(
             ours.rpartition("self_attn.")[2])
-        if keep_quantized and len(t.shape) == 2:
-            _pack_gguf_tensor(model, ours, t, heads)
+        if len(t.shape) == 2 and (keep_quantized or pack is not None):
+            _pack_gguf_tensor(model, ours, t, heads, None if keep_quantized else pack)
             continue
         w = dequantize(t)                                     # (out, in) rows, or a vector
         if heads is not None:
             w = _unpermute(w, heads)
         params[ours].data = _to_ours(ours, w)
-        if on_tensor is not None:
-            on_tensor(ours)
     return model.eval() if keep_quantized or pack else model
 
 
-def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None) -> None:
-    """Put tensor `t`, packed (out, in) and still quantized, in the place of parameter `name`."""
+def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None, pack: str | None) -> None:
+    """Put matrix `t` in the place of parameter `name`, packed (out, in) for generation: as the
+    file's blocks (pack None), or dequantized to "float32" or "int8" rows. GGUF's matrices are
+    already rows per output, so nothing is transposed."""
+    from tinygpt.gguf import dequantize
     from tinygpt.inference import PackedWeight
-    packed = PackedWeight.from_gguf(t)
+    if pack is None:
+        packed = PackedWeight.from_gguf(t)
+    else:
+        packed = PackedWeight.from_rows(dequantize(t), None if pack == "float32" else pack)
     if heads is not None:                              # llama.cpp's q/k row order, undone
         order = _unpermute(np.arange(t.shape[0])[:, None], heads)[:, 0]
-        packed = PackedWeight(packed.kind, tuple(a[order] for a in packed.arrays))
+        packed = PackedWeight(packed.kind, tuple(np.ascontiguousarray(a[order])
+                                                 for a in packed.arrays))
     module = model.get_submodule(name.rpartition(".")[0])
     module.packed, module.weight = packed, None
 
