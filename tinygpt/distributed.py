@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from tinygpt.autograd import Function, Tensor
-from tinygpt.train import apply_to_batch, batch_tokens, default_loss
+from tinygpt.train import batch_tokens, default_loss
 
 MPI_EXTRA = "install the mpi extra: pip install -e '.[mpi]'"
 TIMEOUT_SECONDS = 300.0   # longest wait in one collective: past any step, evaluation, sample or

@@ -1,4 +1,4 @@
-"""Data-parallel benchmark: tokens/s of one global batch at 1 rank x 1 thread and 2 ranks x 1 thread.
+"""Data-parallel benchmark: tokens/s of one global batch at 1 rank x 1 thread and at 2 ranks x 1.
 
     python -m tinygpt.bench distributed [--steps 3] [--ranks 1,2] [--tiny]
 
