@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tests.conftest import GRAD_ATOL, GRAD_RTOL
 from tests.strategies import arrays
 from tinygpt.autograd import Tensor
-from tinygpt.commands import dpo as command
+from tinygpt import cli
 from tinygpt.data import DataLoader
 from tinygpt.finetune.dpo import (DPOObjective, PreferenceDataset, count_tokens, dpo_loss,
                                   model_logprobs, read_preference_data, sequence_logprobs)
@@ -250,7 +250,7 @@ def tiny_run(tmp_path):
 
 
 def run_command(tmp_path, data, *extra):
-    return command.main(["finetune-dpo", "--model", str(tmp_path / "model"), "--data",
+    return cli.main(["finetune-dpo", "--model", str(tmp_path / "model"), "--data",
                          str(data), "--out", str(tmp_path / "run"), "--batch-size", "4",
                          "--eval-freq", "2", "--eval-iter", "1", "--max-steps", "2",
                          "--max-new-tokens", "3", "--responses", "2", *extra])

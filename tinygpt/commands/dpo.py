@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -84,25 +83,6 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
-def load_model(path: str):
-    """(model, tokenizer) from a .gguf file, a Llama hub folder, or anything `load_pretrained`
-    reads (GPT-2 names and folders, training runs)."""
-    p = Path(path)
-    if p.suffix == ".gguf":
-        from tinygpt.gguf import read_gguf
-        from tinygpt.hf_tokenizer import HFTokenizer
-        from tinygpt.llama_weights import load_llama
-        if not p.is_file():
-            raise FileNotFoundError(f"model file not found: {p}")
-        return load_llama(p), HFTokenizer.from_gguf_metadata(read_gguf(p)[0], source=str(p))
-    if (p / "tokenizer.json").is_file() and "llama" in (p / "config.json").read_text().lower():
-        from tinygpt.hf_tokenizer import HFTokenizer
-        from tinygpt.llama_weights import load_llama
-        return load_llama(p), HFTokenizer.from_tokenizer_json(p / "tokenizer.json")
-    from tinygpt.weights import load_pretrained
-    return load_pretrained(path, download=False)
-
-
 def _print_responses(title: str, entries: list[dict], texts: list[str]) -> None:
     for i, (entry, text) in enumerate(zip(entries, texts)):
         print(f"--- {title}, test entry {i}: {entry['instruction']}"
@@ -150,10 +130,11 @@ def run(args) -> int:
     from tinygpt.finetune.dpo import DPOObjective, count_tokens
     from tinygpt.finetune.instruct import generate_responses
     from tinygpt.train import TrainConfig, train
+    from tinygpt.weights import load_pretrained
     _check_args(args)
     objective = DPOObjective(args.beta, args.reduction)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_pretrained(args.model, download=False)
     print(f"model {args.model}: {model.num_parameters():,} parameters, loaded in "
           f"{time.perf_counter() - start:.1f} s")
     train_ds, val_ds, test_entries = _datasets(args, tokenizer, model)
@@ -212,14 +193,3 @@ def _save(args, model, tokenizer, shown: list[dict], before: list[str], after: l
         save_pretrained(model, out, tokenizer=tokenizer)
     print(f"model saved in {out}")
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`finetune-dpo` on its own (demos, tests): the same one-line errors as `tinygpt`'s."""
-    parser = argparse.ArgumentParser(prog="tinygpt")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, TypeError, OSError, KeyError) as e:
-        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
