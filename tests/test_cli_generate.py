@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from tinygpt.cli import _TextStream, main
+from tinygpt.cli import main
+from tinygpt.generate import TextStream
 from tinygpt.tokenizer import GPT2Tokenizer
 
 
@@ -69,7 +70,7 @@ def test_random_init_preset_smoke(capsys):
 
 def test_text_stream_holds_back_split_characters(tok):
     ids = tok.encode("é😀 naïve")                       # the emoji spans two byte-level tokens
-    stream = _TextStream(tok)
+    stream = TextStream(tok)
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == "é😀 naïve"
     assert all("\ufffd" not in piece for piece in pieces)

@@ -181,11 +181,11 @@ def test_bytes_without_a_token_are_dropped_like_hugging_face(tok):
 
 
 def test_streaming_holds_back_split_characters(tok):
-    from tinygpt.cli import _TextStream
+    from tinygpt.generate import TextStream
     text = "naïve café 👩\u200d👩\u200d👧 🇫🇷 日本語 ½"
     ids = tok.encode(text)
     assert any(tok.decode([i]).endswith("\ufffd") for i in ids)  # some tokens split a character
-    stream = _TextStream(tok)
+    stream = TextStream(tok)
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 

@@ -25,8 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# TODO(#17): the incremental UTF-8-safe decoder is private to cli.py; move it to a shared module
-from tinygpt.cli import _TextStream
+from tinygpt.generate import TextStream
 from tinygpt.finetune.templates import chatml, format_prompt, get_template
 from tinygpt.generate import stream
 
@@ -124,7 +123,7 @@ def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml
     room = max(1, min(max_new_tokens, block // 2))
     ids, dropped = fit_prompt(tokenizer, messages, template, block - room)
     end_ids, end_texts = stop_tokens(tokenizer, template)
-    text, stops = _TextStream(tokenizer), _StopText(list(stop) + end_texts)
+    text, stops = TextStream(tokenizer), _StopText(list(stop) + end_texts)
 
     def emit(piece: str) -> None:
         if piece and on_text is not None:

@@ -104,7 +104,7 @@ def _run_generate(args) -> int:
 
     import numpy as np
 
-    from tinygpt.generate import stream
+    from tinygpt.generate import TextStream, stream
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -123,7 +123,7 @@ def _run_generate(args) -> int:
     except ValueError as e:                      # a character the model's vocabulary lacks
         raise CLIError(f"--prompt: {e}") from None
     print(args.prompt, end="", flush=True)
-    text = _TextStream(tok)
+    text = TextStream(tok)
     n = 0
     for token in stream(model, np.array([ids]), args.max_new_tokens, args.temperature, args.top_k,
                         args.top_p, args.eos, args.seed, use_cache=not args.no_cache):
@@ -156,30 +156,6 @@ def _generate_model(args):
     from tinygpt.weights import load_pretrained
     pack = {"none": "float32"}.get(args.quantize, args.quantize)
     return load_pretrained(args.model, args.dir, download=False, pack=pack)
-
-
-class _TextStream:
-    """Token ids in, text out, holding back bytes of a character split across tokens.
-
-    GPT-2's tokens are byte sequences, so a character such as "é" or an emoji may span two tokens;
-    decoding the first alone gives U+FFFD. Pending ids are decoded together and released once
-    they end on a whole character (the point before them is always a character boundary).
-    """
-
-    def __init__(self, tok):
-        self.tok, self.pending = tok, []
-
-    def push(self, token: int) -> str:
-        self.pending.append(token)
-        text = self.tok.decode(self.pending)
-        if text.endswith("\ufffd"):
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self) -> str:
-        text, self.pending = self.tok.decode(self.pending), []
-        return text
 
 
 # --- pretrain ----------------------------------------------------------------------------------

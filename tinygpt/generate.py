@@ -130,3 +130,27 @@ def generate(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: floa
         if callback is not None:
             callback(token)
     return np.concatenate([prompt] + [t[:, None] for t in new], axis=1)
+
+
+class TextStream:
+    """Token ids in, text out, holding back bytes of a character split across tokens.
+
+    GPT-2's tokens are byte sequences, so a character such as "é" or an emoji may span two tokens;
+    decoding the first alone gives U+FFFD. Pending ids are decoded together and released once
+    they end on a whole character (the point before them is always a character boundary).
+    """
+
+    def __init__(self, tok):
+        self.tok, self.pending = tok, []
+
+    def push(self, token: int) -> str:
+        self.pending.append(token)
+        text = self.tok.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text, self.pending = self.tok.decode(self.pending), []
+        return text

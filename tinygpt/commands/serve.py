@@ -29,44 +29,26 @@ def add_parsers(sub) -> None:
 
 # --- model loading ----------------------------------------------------------------------------
 
-def load_model(spec: str) -> tuple[object, object, str]:
-    """(model in eval mode, tokenizer, template name) from a `.gguf` file, a Llama hub folder
-    (config.json + model.safetensors + tokenizer.json) or what `load_pretrained` takes (a GPT-2
-    name, a training run, a GPT-2 hub folder). Llama models are chat models (chatml); GPT-2
-    models get the book's alpaca template."""
-    path = Path(spec)
-    if path.suffix == ".gguf" or path.is_file():
-        from tinygpt.gguf import read_gguf
-        from tinygpt.hf_tokenizer import HFTokenizer
-        from tinygpt.llama_weights import load_llama
-        if not path.is_file():
-            raise FileNotFoundError(f"--model {spec}: no such file")
-        tok = HFTokenizer.from_gguf_metadata(read_gguf(path)[0], source=str(path))
-        return load_llama(path).eval(), tok, "chatml"
-    if _is_llama_folder(path):
-        from tinygpt.hf_tokenizer import HFTokenizer
-        from tinygpt.llama_weights import load_llama
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"--model {spec}: a Llama folder needs its tokenizer.json")
-        tok = HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
-        return load_llama(path).eval(), tok, "chatml"
+def load_model(spec: str, quantize: str = "none") -> tuple[object, object, str]:
+    """(model packed for generation, tokenizer, template name) from anything `--model` names
+    (`weights.load_pretrained`: a .gguf file, a Llama or GPT-2 folder, a run, a GPT-2 name).
+    Llama models are chat models (chatml); GPT-2 models get the book's alpaca template."""
+    from tinygpt.llama import Llama
     from tinygpt.weights import load_pretrained
-    model, tok = load_pretrained(spec, download=False)
-    return model.eval(), tok, "alpaca"
-
-
-def _is_llama_folder(path: Path) -> bool:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and (config.get("model_type") == "llama"
-                                         or "LlamaForCausalLM" in config.get("architectures", []))
+    pack = {"none": "float32"}.get(quantize, quantize)
+    model, tok = load_pretrained(spec, download=False, pack=pack)
+    return model, tok, "chatml" if isinstance(model, Llama) else "alpaca"
 
 
 def _load(args) -> tuple[object, object, str]:
-    model, tok, template = load_model(args.model)
+    model, tok, template = load_model(args.model, getattr(args, "quantize", "none"))
     return model, tok, args.template or template
+
+
+def _add_quantize(p) -> None:
+    p.add_argument("--quantize", choices=("none", "int8", "gguf"), default="none",
+                   help="weights for decoding: float32 rows (default), int8, or a .gguf "
+                   "file's own quantized blocks (gguf)")
 
 
 # --- flag checks ------------------------------------------------------------------------------
@@ -201,6 +183,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--system", default=None, help="system message (chatml)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default 256)")
     _add_sampling(p)
+    _add_quantize(p)
     p.set_defaults(run=run_chat)
 
 
@@ -261,6 +244,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=256,
                    help="longest reply when a request sets no max_tokens (default 256)")
     p.add_argument("--quiet", action="store_true", help="no request log on stderr")
+    _add_quantize(p)
     p.set_defaults(run=run_serve)
 
 
