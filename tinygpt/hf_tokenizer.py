@@ -74,6 +74,8 @@ class HFTokenizer:
             raise ValueError(f"{source}: unknown pre-tokenizer {pre!r} "
                              f"(supported: {', '.join(PRE_TOKENIZER_PATTERNS)})")
         self.name, self.pre, self.eos_id = name, pre, eos_id
+        self.tokens = list(tokens)
+        self.merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
         self.special_tokens = dict(special_tokens)
         self._n_vocab = len(tokens)
         for text, i in self.special_tokens.items():
@@ -142,6 +144,26 @@ class HFTokenizer:
                     if t in (GGUF_CONTROL, GGUF_USER_DEFINED)}
         return cls(tokens, merges, specials, str(metadata.get("tokenizer.ggml.pre", "gpt2")),
                    eos_id=metadata.get("tokenizer.ggml.eos_token_id"), name=name, source=source)
+
+    def save(self, path: Path | str) -> None:
+        """Write everything this tokenizer was built from as one JSON file (atomically), read
+        back by `load`: so a fine-tuned model's run folder carries its tokenizer."""
+        from tinygpt.fileio import write_json_atomic
+        write_json_atomic(path, {"type": "hf-bpe", "name": self.name, "pre": self.pre,
+                                 "eos_id": self.eos_id, "special_tokens": self.special_tokens,
+                                 "tokens": self.tokens, "merges": self.merges}, indent=None)
+
+    @classmethod
+    def load(cls, path: Path | str) -> HFTokenizer:
+        path = Path(path)
+        state = _read_json(path)
+        if not isinstance(state, dict) or state.get("type") != "hf-bpe":
+            raise ValueError(f"{path}: not a saved hf-bpe tokenizer")
+        try:
+            return cls(state["tokens"], state["merges"], state["special_tokens"], state["pre"],
+                       state.get("eos_id"), state.get("name", "hf-bpe"), source=str(path))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: saved tokenizer is missing or mangles {e}") from None
 
     # --- the shared tokenizer interface ----------------------------------------------------
 

@@ -184,7 +184,14 @@ def load_llama_pretrained(path: str | os.PathLike, pack: str | None = None):
         return model.eval(), tokenizer
     if pack == "gguf":
         raise ValueError(f"{path}: pack 'gguf' keeps a GGUF file's blocks; this is a folder")
-    tokenizer = HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
+    if (path / "tokenizer.json").is_file():                  # as the hub has it
+        tokenizer = HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
+    else:                                                    # as a fine-tuning run saved it
+        from tinygpt.tokenizer import TOKENIZER_FILE, load_tokenizer
+        if not (path / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"{path}: a Llama folder needs its tokenizer.json (or the "
+                                    f"{TOKENIZER_FILE} a tinygpt run writes)")
+        tokenizer = load_tokenizer(path)
     model = load_llama_hf(path)
     if pack is not None:
         from tinygpt.inference import pack_for_inference

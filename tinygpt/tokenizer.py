@@ -158,7 +158,7 @@ def save_tokenizer(tok: Tokenizer, directory: Path | str) -> Path:
     path = Path(directory) / TOKENIZER_FILE
     if isinstance(tok, GPT2Tokenizer):
         write_json_atomic(path, {"type": "gpt2"})
-    elif isinstance(tok, (CharTokenizer, BPETokenizer)):
+    elif isinstance(tok, (CharTokenizer, BPETokenizer)) or type(tok).__name__ == "HFTokenizer":
         tok.save(path)
     else:
         raise TypeError(f"cannot save a {type(tok).__name__}: not a tinygpt tokenizer")
@@ -182,4 +182,8 @@ def load_tokenizer(directory: Path | str) -> Tokenizer:
         return CharTokenizer.load(path)
     if kind == "tinygpt-bpe":
         return BPETokenizer.load(path)
-    raise ValueError(f"{path}: unknown tokenizer {kind!r} (expected gpt2, char or tinygpt-bpe)")
+    if kind == "hf-bpe":                                  # a Llama-family model's own BPE
+        from tinygpt.hf_tokenizer import HFTokenizer
+        return HFTokenizer.load(path)
+    raise ValueError(f"{path}: unknown tokenizer {kind!r} (expected gpt2, char, tinygpt-bpe or "
+                     "hf-bpe)")

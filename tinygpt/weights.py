@@ -283,17 +283,29 @@ def _check_tied_head(f: BinaryIO, path: Path, header: Header, name: str, wte: np
 
 # --- saving ---------------------------------------------------------------------------------------
 
-def save_pretrained(model: GPT, dir: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
-    """Write `model` as `dir/model.safetensors` + `dir/config.json` in the hub's GPT-2 layout, and
-    `tokenizer` (if given) beside them, so `load_pretrained(dir)` gets both back.
+def save_pretrained(model: CausalLM, dir: str | os.PathLike,
+                    tokenizer: Tokenizer | None = None) -> Path:
+    """Write `model` as `dir/model.safetensors` + `dir/config.json` in the hub's GPT-2 layout (a
+    Llama in the hub's Llama layout, `llama_weights.save_llama_hf`), and `tokenizer` (if given)
+    beside them, so `load_pretrained(dir)` gets both back.
 
     Names carry no prefix and weights stay (in, out), as in the hub file; float32. A model without
     qkv bias gets zero c_attn biases (same function). An untied head is written as HF's
     `lm_head.weight` [V, C] with `tie_word_embeddings: false`. Frozen parameters are saved like
     the others. Each file is replaced atomically.
     """
+    if not isinstance(model, GPT):
+        from tinygpt.llama_weights import save_llama_hf
+        directory = save_llama_hf(model, dir)
+    else:
+        directory = _save_gpt2(model, Path(dir))
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
+    return directory
+
+
+def _save_gpt2(model: GPT, directory: Path) -> Path:
     cfg = model.config
-    directory = Path(dir)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.asarray(p.data, np.float32) for name, p in model.named_parameters()}
     if model.lm_head is not None:
@@ -303,6 +315,4 @@ def save_pretrained(model: GPT, dir: str | os.PathLike, tokenizer: Tokenizer | N
     # transformers refuses safetensors files whose metadata lacks a known "format"
     save_safetensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     write_json_atomic(directory / CONFIG_FILE, config_to_hf(cfg), indent=2, sort_keys=True)
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, directory)
     return directory
