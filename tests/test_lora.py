@@ -9,6 +9,7 @@ from tests.conftest import GRAD_ATOL, GRAD_RTOL
 from tests.strategies import arrays
 from tests.test_nn import gradcheck_parameters
 from tinygpt import GPT, GPTConfig
+from tinygpt import functional as F
 from tinygpt.autograd import Tensor
 from tinygpt.finetune.lora import (ADAPTER_CONFIG, LoRALinear, apply_lora, base_fingerprint,
                                    load_adapter, lora_layers, merge, save_adapter, unload,
@@ -223,6 +224,16 @@ def test_lora_linear_gradcheck(seed, rank, parts, n_in, out_per_part, bias, data
     x = data.draw(arrays((2, 3, n_in)))
     assert gradcheck_parameters(layer, lambda: layer(Tensor(x)), seed=seed)
     assert gradcheck(lambda t: layer(t), x, rtol=GRAD_RTOL, atol=GRAD_ATOL, seed=seed)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_the_fused_op_is_linear_plus_delta(parts):
+    rng = np.random.default_rng(4)
+    layer = LoRALinear(Linear(5, 6, rng), rank=2, alpha=3.0, rng=rng, parts=parts)
+    layer.lora_B.data = rng.standard_normal(layer.lora_B.shape).astype(np.float32)
+    x = Tensor(rng.standard_normal((2, 3, 5)).astype(np.float32))
+    expected = F.linear(x, layer.weight, layer.bias) + layer.delta(x)
+    np.testing.assert_allclose(layer(x).data, expected.data, rtol=1e-5, atol=1e-6)
 
 
 def test_delta_weight_is_the_delta_of_the_output():

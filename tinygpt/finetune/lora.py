@@ -47,7 +47,7 @@ from typing import Sequence
 import numpy as np
 
 from tinygpt import functional as F
-from tinygpt.autograd import Tensor, no_grad
+from tinygpt.autograd import Context, Function, Tensor, no_grad
 from tinygpt.fileio import write_json_atomic
 from tinygpt.model import CausalLM
 from tinygpt.nn import Linear, Module, Parameter, shape_mismatches
@@ -56,6 +56,63 @@ from tinygpt.safetensors import load_safetensors, save_safetensors
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "lora.safetensors", "lora.json"
 FORMAT = "tinygpt-lora-1"
 FUSED_PARTS = {"c_attn": 3}      # GPT-2's q, k, v projection: one adapter per part, as the book's
+
+
+def _up(h: np.ndarray, B: np.ndarray, parts: int) -> np.ndarray:
+    """h (N, p r) -> (N, out): part i's r columns of h times its block B_i (r, out/p)."""
+    if parts == 1:
+        return h @ B
+    return np.concatenate([hi @ Bi for hi, Bi in zip(np.split(h, parts, axis=1),
+                                                      np.split(B, parts, axis=0))], axis=1)
+
+
+def _up_transposed(g: np.ndarray, B: np.ndarray, parts: int) -> np.ndarray:
+    """g (N, out) -> (N, p r): output block i times B_i^T, the backward of `_up` for h."""
+    if parts == 1:
+        return g @ B.T
+    return np.concatenate([gi @ Bi.T for gi, Bi in zip(np.split(g, parts, axis=1),
+                                                        np.split(B, parts, axis=0))], axis=1)
+
+
+class LoRALinearFn(Function):
+    """y = x @ W + b + s (x @ A) @ B in one op.   x: (..., in) -> y: (..., out); s = alpha / r
+
+    One op instead of linear + matmuls + scale + add keeps one output array per layer alive for
+    backward, as a plain Linear does, plus the small h = x A (N, p r). With g = s dy:
+        dh = g B^T,   dx = dy W^T + dh A^T,   dA = x^T dh,   dB = h^T g,
+        dW = x^T dy and db = sum(dy) only if W, b are trained (LoRA freezes them).
+    With parts, B is block diagonal: `_up` and `_up_transposed` multiply by it block by block.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+                a: np.ndarray, bb: np.ndarray, scaling: float = 1.0,
+                parts: int = 1) -> np.ndarray:
+        x2 = x.reshape(-1, x.shape[-1])                                     # (N, in)
+        h = x2 @ a                                                          # (N, p r)
+        y = x2 @ w
+        if b is not None:
+            y += b
+        y += _up(h * np.asarray(scaling, h.dtype), bb, parts)               # (N, out)
+        ctx.save(x2, h, w, a, bb)
+        ctx.x_shape, ctx.scaling, ctx.parts = x.shape, scaling, parts
+        return y.reshape(*x.shape[:-1], w.shape[1])
+
+    @staticmethod
+    def backward(ctx: Context, dy: np.ndarray) -> tuple:
+        x2, h, w, a, bb = ctx.saved
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, w.shape[1])                                    # (N, out)
+        g = dy2 * np.asarray(ctx.scaling, dy2.dtype)
+        dh = _up_transposed(g, bb, ctx.parts)                               # (N, p r)
+        dx = (dy2 @ w.T + dh @ a.T).reshape(ctx.x_shape) if need_x else None
+        dw = x2.T @ dy2 if need_w else None
+        db = dy2.sum(axis=0) if need_b else None
+        da = x2.T @ dh if need_a else None
+        dbb = (np.concatenate([hi.T @ gi for hi, gi in zip(np.split(h, ctx.parts, axis=1),
+                                                           np.split(g, ctx.parts, axis=1))])
+               if need_bb else None)
+        return dx, dw, db, da, dbb
 
 
 class LoRALinear(Module):
@@ -102,8 +159,11 @@ class LoRALinear(Module):
         return self._up(self.lora_A) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)                          # (..., out)
-        return y if self.merged else y + self.delta(x)
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        # what F.linear(x, W, b) + self.delta(x) computes, as one op (see LoRALinearFn)
+        return LoRALinearFn.apply(x, self.weight, self.bias, self.lora_A, self.lora_B,
+                                  scaling=self.scaling, parts=self.parts)
 
     def merge(self) -> None:
         """W <- W + (alpha/r) A @ B; the base W is kept (one more copy while merged), so that
