@@ -203,6 +203,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
                    "checkpoint; flags not given are taken from it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ranks", type=int, default=None, help="train on N processes of this machine "
+                   "(starts mpiexec -n N; needs the mpi extra); not needed under mpiexec")
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else None
         flags = RENAMED_FLAGS.get(f.name, ("--" + f.name.replace("_", "-"),))
@@ -223,11 +225,22 @@ def _pretrain_text() -> str:
 
 
 def _run_pretrain(args) -> int:
+    from tinygpt import distributed
+    if args.ranks and not distributed.under_mpi():
+        return distributed.launch(args.argv, args.ranks)
+    try:
+        with distributed.setup() as ctx:     # one process unless started by mpiexec
+            return _pretrain(args, ctx)
+    except distributed.DistributedError as e:
+        raise CLIError(str(e)) from None
+
+
+def _pretrain(args, ctx) -> int:
     import json
     import time
     from dataclasses import asdict, fields, replace
 
-    from tinygpt import GPT, GPTConfig
+    from tinygpt import GPT, GPTConfig, distributed
     from tinygpt.checkpoint import read_record
     from tinygpt.data import pretrain_data
     from tinygpt.train import TrainConfig, TrainingDiverged, train
@@ -254,16 +267,23 @@ def _run_pretrain(args) -> int:
         dropout = args.dropout if args.dropout is not None else 0.1
         model_cfg = replace(base, vocab_size=tok.n_vocab, block_size=cfg.context_length,
                             dropout=dropout)
+    ctx.check_agree(train_config=asdict(cfg), model_config=asdict(model_cfg),
+                    data=distributed.fingerprint(data))
     model = GPT(model_cfg, seed=cfg.seed)
-    print(f"pretrain: {data}; model {model.num_parameters():,} parameters "
-          f"({json.dumps(asdict(model_cfg))}); {len(train_data)} batches per epoch")
+    ctx.broadcast_parameters(model)
+    if ctx.is_main:
+        print(f"pretrain: {data}; model {model.num_parameters():,} parameters "
+              f"({json.dumps(asdict(model_cfg))}); {len(train_data)} batches per epoch"
+              + (f"; {ctx.world} ranks x {ctx.threads} threads" if ctx.world > 1 else ""))
     start = time.perf_counter()
     try:
-        result = train(model, train_data, val_data, cfg, tokenizer=tok, log=print,
-                       progress=not args.quiet, resume=args.resume,
-                       extra={"data": str(data), "tokenizer": tokenizer})
+        result = train(model, ctx.shard(train_data), ctx.shard(val_data), cfg, tokenizer=tok,
+                       log=print, progress=not args.quiet, resume=args.resume,
+                       extra={"data": str(data), "tokenizer": tokenizer}, **ctx.train_kwargs())
     except TrainingDiverged as e:
         raise CLIError(str(e)) from None
+    if not ctx.is_main:
+        return 0
     save_pretrained(model, cfg.out_dir, tokenizer=tok)    # what generate and fine-tunes read
     last = result.evals[-1]
     print(f"done: {result.step} steps, train {last['train_loss']:.3f}, val "
@@ -368,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv                              # pretrain --ranks N runs them again under mpiexec
     try:
         # overflow in a diverging run is reported by the trainer as one line; NumPy's own
         # RuntimeWarnings would only print source lines above it
