@@ -223,3 +223,20 @@ def test_bad_data_file_is_a_one_line_error(tiny_run, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("empty.json: the file is empty") and "\n" not in err
+
+
+def test_the_demo_runs_the_command_with_its_settings(tiny_run, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "demos" / "instruct.py"
+    spec = importlib.util.spec_from_file_location("instruct_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    argv = ["--model", str(tiny_run / "base"), "--data", str(tiny_run / "data.json"), "--out",
+            str(tmp_path / "demo"), "--minutes", "1", "--test-size", "1", "--batch-size", "4",
+            "--max-steps", "1", "--eval-iter", "1", "--max-new-tokens", "2", "--sample-tokens",
+            "1"]
+    assert demo.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 16, lr 0.0005, 1 min" in out and "1 test responses" in out
+    assert (tmp_path / "demo" / "lora.json").is_file()
