@@ -252,22 +252,24 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def multihead_attention(qkv: Tensor, n_head: int, cache=None, layer: int = 0,
-                        n_kv_head: int | None = None, rope=None) -> Tensor:
+                        n_kv_head: int | None = None, rope=None,
+                        record: list | None = None) -> Tensor:
     """Causal self-attention of `n_head` heads from a fused (B, T, 3C) projection -> (B, T, C).
 
     `cache` is a `tinygpt.nn.KVCache` (or anything with its `append(layer, k, v)` and `length`);
     `n_kv_head` < n_head shares key/value heads (grouped-query attention); `rope` = (cos, sin)
-    tables rotate q and k (see `fused.rope_tables`)."""
+    tables rotate q and k (see `fused.rope_tables`); a `record` list gets the softmax
+    probabilities the kernel computed, (B, NH, T, Tk) (attention pictures)."""
     return fused.MultiHeadAttention.apply(qkv, n_head, cache, layer, n_kv_head=n_kv_head,
-                                          rope=rope)
+                                          rope=rope, record=record)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, n_head: int, n_kv_head: int | None = None,
-              cache=None, layer: int = 0, rope=None) -> Tensor:
+              cache=None, layer: int = 0, rope=None, record: list | None = None) -> Tensor:
     """Causal self-attention on separate projections q: (B, T, NH HS), k, v: (B, T, KV HS),
     as Llama's q_proj, k_proj, v_proj make them -> (B, T, NH HS). Arguments as above."""
     return fused.SelfAttention.apply(q, k, v, n_head=n_head, n_kv_head=n_kv_head or n_head,
-                                     cache=cache, layer=layer, rope=rope)
+                                     cache=cache, layer=layer, rope=rope, record=record)
 
 
 # --- Tensor operators ------------------------------------------------------------------------------

@@ -265,11 +265,13 @@ def _merge(y: np.ndarray) -> np.ndarray:
     return y.transpose(0, 2, 1, 3).reshape(B, T, n * HS)
 
 
-def _self_attention(ctx: Context, q, k, v, cache, layer: int, rope) -> np.ndarray:
+def _self_attention(ctx: Context, q, k, v, cache, layer: int, rope, record=None) -> np.ndarray:
     """Heads in, merged output out: RoPE on q and k, append k, v to the cache, share each key/value
     head among n_head / n_kv_head query heads (grouped-query attention), attend causally.
 
-    q: (B, NH, T, HS), k, v: (B, KV, T, HS) -> y: (B, T, NH * HS)
+    q: (B, NH, T, HS), k, v: (B, KV, T, HS) -> y: (B, T, NH * HS). A `record` list gets the
+    attention probabilities this call used, P: (B, NH, T, Tk), the array the backward reads
+    (pictures read it; nothing may write to it).
     """
     NH, KV, T = q.shape[1], k.shape[1], q.shape[2]
     if rope is not None:
@@ -282,7 +284,8 @@ def _self_attention(ctx: Context, q, k, v, cache, layer: int, rope) -> np.ndarra
         ctx.rope = (cos, sin)
     if cache is not None:
         k, v = cache.append(layer, k, v)                               # (B, KV, Tk, HS)
-        if T == 1 and q.dtype == np.float32 and not is_grad_enabled():   # read it in place
+        # decoding one token reads the cache in place (that kernel keeps no P to record)
+        if T == 1 and q.dtype == np.float32 and not is_grad_enabled() and record is None:
             ctx.cached = True
             return decode_kernels.attend_one(np.ascontiguousarray(q[:, :, 0]),
                                              cache.k[layer], cache.v[layer],
@@ -290,6 +293,8 @@ def _self_attention(ctx: Context, q, k, v, cache, layer: int, rope) -> np.ndarra
     if NH != KV:                                  # query head h reads key/value head h // group
         k, v = np.repeat(k, NH // KV, axis=1), np.repeat(v, NH // KV, axis=1)
     y, ctx.attn = _attend(q, k, v)
+    if record is not None:
+        record.append(ctx.attn[3].reshape(q.shape[0], NH, T, k.shape[2]))   # (B, NH, T, Tk)
     ctx.cached, ctx.n_kv_head = cache is not None, KV
     return _merge(y)
 
@@ -326,12 +331,13 @@ class MultiHeadAttention(Function):
     -> y: (B, T, NH HS). Doing the split and merge here, not as reshape, permute and index ops,
     saves building three zero-padded (B, T, 3C) gradients and adding them up, and ~7 op calls
     per layer when decoding. With a `cache` (generation, under no_grad) this step's keys and
-    values are appended to it and the queries attend over every cached position.
+    values are appended to it and the queries attend over every cached position. A `record`
+    list gets each call's attention probabilities (see `_self_attention`).
     """
 
     @staticmethod
     def forward(ctx: Context, qkv: np.ndarray, n_head: int, cache=None, layer: int = 0,
-                n_kv_head: int | None = None, rope=None) -> np.ndarray:
+                n_kv_head: int | None = None, rope=None, record=None) -> np.ndarray:
         KV = n_kv_head or n_head
         width = qkv.shape[-1] // (n_head + 2 * KV) if qkv.shape[-1] % (n_head + 2 * KV) == 0 else 0
         if not width:
@@ -340,7 +346,7 @@ class MultiHeadAttention(Function):
             raise ValueError(f"multihead_attention: last axis of qkv {qkv.shape} is not {heads}")
         q, k, v = np.split(qkv, [n_head * width, (n_head + KV) * width], axis=-1)
         return _self_attention(ctx, _heads(q, n_head), _heads(k, KV), _heads(v, KV), cache,
-                               layer, rope)
+                               layer, rope, record)
 
     @staticmethod
     def backward(ctx: Context, dy: np.ndarray) -> tuple:
@@ -352,18 +358,20 @@ class SelfAttention(Function):
     """Causal self-attention on separate projections (Llama's q_proj, k_proj, v_proj).
 
     q: (B, T, NH HS), k, v: (B, T, KV HS) -> y: (B, T, NH HS); with `rope` = (cos, sin) tables
-    (see `rope_tables`) q and k are rotated at their positions, offset by the cache's length.
+    (see `rope_tables`) q and k are rotated at their positions, offset by the cache's length;
+    `record` as in `MultiHeadAttention`.
     """
 
     @staticmethod
     def forward(ctx: Context, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
-                n_kv_head: int, cache=None, layer: int = 0, rope=None) -> np.ndarray:
+                n_kv_head: int, cache=None, layer: int = 0, rope=None,
+                record=None) -> np.ndarray:
         if q.ndim != 3 or k.shape != v.shape or k.shape[:2] != q.shape[:2]:
             raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} must be (B, T, "
                              "NH * HS), (B, T, KV * HS), (B, T, KV * HS)")
         _check_heads("attention", n_head, n_kv_head, (q.shape[-1], k.shape[-1]))
         return _self_attention(ctx, _heads(q, n_head), _heads(k, n_kv_head),
-                               _heads(v, n_kv_head), cache, layer, rope)
+                               _heads(v, n_kv_head), cache, layer, rope, record)
 
     @staticmethod
     def backward(ctx: Context, dy: np.ndarray) -> tuple:

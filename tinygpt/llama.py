@@ -154,6 +154,8 @@ class RotaryTables:
 class LlamaAttention(Module):
     """Grouped-query causal self-attention with RoPE; separate q, k, v projections, no biases."""
 
+    record: list | None = None     # a list: each forward appends its (B, NH, T, Tk) probabilities
+
     def __init__(self, cfg: LlamaConfig, rotary: RotaryTables, rng: np.random.Generator | None):
         C, HS = cfg.n_embd, cfg.head_size
         self.n_head, self.n_kv_head, self.rotary = cfg.n_head, cfg.n_kv_head, rotary
@@ -164,7 +166,8 @@ class LlamaAttention(Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         y = F.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.n_head,
-                        self.n_kv_head, cache, layer, rope=self.rotary.tables)   # (B, T, NH HS)
+                        self.n_kv_head, cache, layer, rope=self.rotary.tables,
+                        record=self.record)                               # (B, T, NH HS)
         return self.o_proj(y)
 
 

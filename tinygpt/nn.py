@@ -307,6 +307,8 @@ class KVCache:
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with GPT-2's fused qkv projection."""
 
+    record: list | None = None     # a list: each forward appends its (B, NH, T, Tk) probabilities
+
     def __init__(self, n_embd: int, n_head: int, n_layer: int, dropout: float, qkv_bias: bool,
                  rng: np.random.Generator):
         if n_embd % n_head:
@@ -320,5 +322,6 @@ class CausalSelfAttention(Module):
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         qkv = self.c_attn(x)                                             # (B, T, 3C)
         # per head h: q, k, v = its HS columns of each third; y_h = softmax(q k^T / sqrt(HS)) v
-        y = F.multihead_attention(qkv, self.n_head, cache, layer)     # (B, T, C), heads merged
+        y = F.multihead_attention(qkv, self.n_head, cache, layer,
+                                  record=self.record)                 # (B, T, C), heads merged
         return self.resid_dropout(self.c_proj(y))
