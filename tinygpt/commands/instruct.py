@@ -195,9 +195,10 @@ def run(args) -> int:
     clock.seconds = 0.0
     result = train(model, train_loader, val_loader, cfg, loss_fn=clock.loss_fn, log=print,
                    on_eval=sample, extra={"data": str(data_path), "model": str(args.model)})
+    evaluating = clock.seconds
     held_out_after = evaluate(model, val_loader, len(val_loader), clock.loss_fn)["loss"]
-    per_step = (result.seconds - clock.seconds) / max(len(result.steps), 1)
-    print(f"{len(result.steps)} steps in {result.seconds:.1f} s ({clock.seconds:.1f} s of them "
+    per_step = (result.seconds - evaluating) / max(len(result.steps), 1)
+    print(f"{len(result.steps)} steps in {result.seconds:.1f} s ({evaluating:.1f} s of them "
           f"evaluating): {per_step:.2f} s per step, {per_step * len(train_loader) / 60:.1f} min "
           f"per epoch of {len(train_loader)} steps; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
