@@ -192,6 +192,8 @@ def test_finetune_instruct_trains_and_saves_responses(tiny_run, tmp_path, capsys
     assert main(_args(tiny_run, tmp_path / "run", *extra)) == 0
     out = capsys.readouterr().out
     assert "sample (val entry 0):" in out and "held-out loss (all 1 val entries)" in out
+    per_step = float(out.split(" s per step")[0].rsplit(" ", 1)[-1])
+    assert per_step >= 0
     saved = json.loads((tmp_path / "run" / "instruction-data-with-response.json").read_text())
     assert [e["instruction"] for e in saved] == ["Say eighteen.", "Say nineteen."]
     assert all(isinstance(e["model_response"], str) for e in saved)
