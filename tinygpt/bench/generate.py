@@ -13,7 +13,7 @@ real loading path. A .gguf --model is a Llama (SmolLM2-135M in ../shared). tinyg
     gguf      a .gguf file's own Q8_0 / Q4_1 blocks kept quantized
 
 Each run is its own subprocess, so its peak resident memory (`ru_maxrss`) is its own. PyTorch, if
-importable, runs a compact GPT-2 or Llama written below (2 threads) on the very same float32
+importable, runs `torch_reference.py`'s GPT-2 or Llama (2 threads) on the very same float32
 arrays. The bench also measures how fast this machine streams memory (a numba sum over an array
 the size of the weights), so the decode speed can be read as achieved weight bandwidth, and
 splits a float32 token into its matrix products, attention and the rest. `--ppl TEXT` adds each
@@ -245,118 +245,29 @@ def _figures(load_s: float, times: list[float], tokens: list[int], weights: int)
 
 def _run_torch(args) -> dict:
     import torch
+
+    from tinygpt.bench import torch_reference as ref
+    from tinygpt.llama import Llama
     torch.set_num_threads(2)
     start = time.perf_counter()
     model, _ = _load(args, "blas")                         # the same arrays, shared by from_numpy
-    w = {name: torch.from_numpy(p.data) for name, p in model.named_parameters()}
+    w, cfg = ref.parameters(model), model.config
     load_s = time.perf_counter() - start
-    prompt = torch.from_numpy(_prompt(args.prompt_tokens, model.config.vocab_size))
-    engine = (_TorchGPT2 if hasattr(model, "wte") else _TorchLlama)(w, model.config)
-    engine.generate(prompt, 2)
-    times, tokens = engine.generate(prompt, args.new_tokens)
+    # PyTorch's fastest head for one row is x @ (C, V) contiguous (5.0 ms vs 8.8 ms for
+    # F.linear(x, wte), measured at 2 threads): we give it that, at the cost of a copy.
+    tied = model.tied_embedding()
+    head = torch.from_numpy(tied.weight.data).t().contiguous() if tied is not None else None
+    if isinstance(model, Llama):
+        rope = ref.rope_tables(cfg)
+        fn = lambda idx, cache, pos: ref.llama_logits(idx, w, cfg, rope, cache, pos, head)  # noqa
+    else:
+        fn = lambda idx, cache, pos: ref.gpt2_logits(idx, w, cfg, cache, pos, head)  # noqa: E731
+    prompt = torch.from_numpy(_prompt(args.prompt_tokens, cfg.vocab_size))
+    ref.decode(fn, prompt, 2, cfg)
+    times, tokens = ref.decode(fn, prompt, args.new_tokens, cfg)
     out = _figures(load_s, times, tokens, sum(p.data.nbytes for p in model.parameters()))
     out["stream_gbs"] = math.nan
     return out
-
-
-class _TorchDecoder:
-    """Greedy KV-cached decoding in PyTorch; subclasses give the forward of one model family."""
-
-    def __init__(self, w: dict, cfg):
-        self.w, self.cfg = w, cfg
-
-    def generate(self, prompt, n: int) -> tuple[list[float], list[int]]:
-        import torch
-        cfg = self.cfg
-        cache = [(torch.zeros(cfg.n_kv_head, cfg.block_size, cfg.head_size),
-                  torch.zeros(cfg.n_kv_head, cfg.block_size, cfg.head_size))
-                 for _ in range(cfg.n_layer)]
-        times, tokens, idx, pos = [time.perf_counter()], [], prompt, 0
-        with torch.inference_mode():
-            for _ in range(n):
-                token = int(self._forward(idx, cache, pos).argmax())
-                pos += idx.shape[1]
-                idx = torch.tensor([[token]])
-                times.append(time.perf_counter())
-                tokens.append(token)
-        return times, tokens
-
-
-class _TorchGPT2(_TorchDecoder):
-    """GPT-2 inference in PyTorch on tinygpt's (in, out) weights, as Hugging Face's Conv1D does."""
-
-    def __init__(self, w: dict, cfg):
-        super().__init__(w, cfg)
-        # PyTorch's fastest head for one row is x @ (C, V) contiguous: 5.0 ms vs 8.8 ms for
-        # F.linear(x, wte) (measured, 2 threads). We give it that, at +154 MB of memory.
-        self.head = w["wte.weight"].t().contiguous()
-
-    def _linear(self, x, name: str):
-        return self.w[name + ".bias"].addmm(x, self.w[name + ".weight"])  # b + x @ W
-
-    def _forward(self, idx, cache: list, pos: int):
-        import torch.nn.functional as F
-        w, cfg = self.w, self.cfg
-        T, C, NH = idx.shape[1], cfg.n_embd, cfg.n_head
-        x = (w["wte.weight"][idx[0]] + w["wpe.weight"][pos:pos + T])            # (T, C)
-        for i in range(cfg.n_layer):
-            p = f"h.{i}."
-            h = F.layer_norm(x, (C,), w[p + "ln_1.weight"], w[p + "ln_1.bias"], 1e-5)
-            q, k, v = self._linear(h, p + "attn.c_attn").view(T, 3, NH, C // NH).permute(1, 2, 0, 3)
-            cache[i][0][:, pos:pos + T], cache[i][1][:, pos:pos + T] = k, v       # (NH, T, HS)
-            k, v = cache[i][0][:, :pos + T], cache[i][1][:, :pos + T]
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)          # pos 0 if T > 1
-            x = x + self._linear(y.transpose(0, 1).reshape(T, C), p + "attn.c_proj")
-            h = F.layer_norm(x, (C,), w[p + "ln_2.weight"], w[p + "ln_2.bias"], 1e-5)
-            h = F.gelu(self._linear(h, p + "mlp.c_fc"), approximate="tanh")
-            x = x + self._linear(h, p + "mlp.c_proj")
-        x = F.layer_norm(x[-1:], (C,), w["ln_f.weight"], w["ln_f.bias"], 1e-5)
-        return (x @ self.head)[0]                                               # (V,)
-
-
-class _TorchLlama(_TorchDecoder):
-    """Llama inference in PyTorch on tinygpt's (in, out) weights: RMSNorm, RoPE, GQA, SwiGLU."""
-
-    def __init__(self, w: dict, cfg):
-        import torch
-        super().__init__(w, cfg)
-        self.head = w["model.embed_tokens.weight"].t().contiguous()      # as for GPT-2 above
-        HS = cfg.head_size
-        inv = cfg.rope_theta ** (-torch.arange(0, HS, 2, dtype=torch.float64) / HS)
-        ang = torch.outer(torch.arange(cfg.block_size, dtype=torch.float64), inv)
-        ang = torch.cat([ang, ang], dim=-1)
-        self.cos, self.sin = ang.cos().float(), ang.sin().float()
-
-    def _rope(self, x, pos: int):
-        import torch
-        T, half = x.shape[1], x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * self.cos[pos:pos + T] + rot * self.sin[pos:pos + T]
-
-    def _forward(self, idx, cache: list, pos: int):
-        import torch
-        import torch.nn.functional as F
-        w, cfg = self.w, self.cfg
-        T, NH, KV, HS = idx.shape[1], cfg.n_head, cfg.n_kv_head, cfg.head_size
-        x = w["model.embed_tokens.weight"][idx[0]]                              # (T, C)
-        for i in range(cfg.n_layer):
-            p = f"model.layers.{i}."
-            h = F.rms_norm(x, (cfg.n_embd,), w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-            q = (h @ w[p + "self_attn.q_proj.weight"]).view(T, NH, HS).transpose(0, 1)
-            k = (h @ w[p + "self_attn.k_proj.weight"]).view(T, KV, HS).transpose(0, 1)
-            v = (h @ w[p + "self_attn.v_proj.weight"]).view(T, KV, HS).transpose(0, 1)
-            q, k = self._rope(q, pos), self._rope(k, pos)
-            cache[i][0][:, pos:pos + T], cache[i][1][:, pos:pos + T] = k, v
-            k, v = cache[i][0][:, :pos + T], cache[i][1][:, :pos + T]
-            y = F.scaled_dot_product_attention(q, k.repeat_interleave(NH // KV, 0),
-                                               v.repeat_interleave(NH // KV, 0), is_causal=T > 1)
-            x = x + y.transpose(0, 1).reshape(T, NH * HS) @ w[p + "self_attn.o_proj.weight"]
-            h = F.rms_norm(x, (cfg.n_embd,), w[p + "post_attention_layernorm.weight"],
-                           cfg.rms_norm_eps)
-            g = F.silu(h @ w[p + "mlp.gate_proj.weight"]) * (h @ w[p + "mlp.up_proj.weight"])
-            x = x + g @ w[p + "mlp.down_proj.weight"]
-        x = F.rms_norm(x[-1:], (cfg.n_embd,), w["model.norm.weight"], cfg.rms_norm_eps)
-        return (x @ self.head)[0]
 
 
 if __name__ == "__main__":

@@ -145,46 +145,29 @@ def bench_block(repeat: int, B: int = 8, T: int = 256) -> None:
 
 
 def _torch_block(block, x: np.ndarray, dy: np.ndarray, n_head: int) -> Callable | None:
-    """The same pre-LN block in PyTorch eager, weights copied from ours; None without torch."""
+    """The same pre-LN block in PyTorch eager (`torch_reference.gpt2_block`), on leaf copies of
+    our weights; None without torch."""
     try:
         import torch
     except ImportError:
         return None
     from tinygpt.autograd import Tensor
+    from tinygpt.bench import torch_reference as ref
     torch.set_num_threads(2)
-    F = torch.nn.functional
-
-    def p(a):
-        return torch.tensor(a, requires_grad=True)
-
-    ln1 = (p(block.ln_1.weight.data), p(block.ln_1.bias.data))
-    ln2 = (p(block.ln_2.weight.data), p(block.ln_2.bias.data))
-    lin = {name: (p(m.weight.data.T.copy()), p(m.bias.data)) for name, m in
-           (("c_attn", block.attn.c_attn), ("attn_proj", block.attn.c_proj),
-            ("c_fc", block.mlp.c_fc), ("mlp_proj", block.mlp.c_proj))}
+    w = ref.parameters(block, requires_grad=True)
     xt, dyt = torch.tensor(x, requires_grad=True), torch.tensor(dy)
-    B, T, C = x.shape
-
-    def forward():
-        h = F.layer_norm(xt, (C,), *ln1)
-        q, k, v = F.linear(h, *lin["c_attn"]).view(B, T, 3, n_head, C // n_head).permute(
-            2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = xt + F.linear(y.transpose(1, 2).reshape(B, T, C), *lin["attn_proj"])
-        h = F.gelu(F.linear(F.layer_norm(y, (C,), *ln2), *lin["c_fc"]), approximate="tanh")
-        return y + F.linear(h, *lin["mlp_proj"])
 
     with torch.no_grad():                       # sanity: both compute the same block
-        ours = block(Tensor(x)).data
-        gap = float(np.abs(forward().numpy() - ours).max())
+        gap = float(np.abs(ref.gpt2_block(xt, w, "", n_head).numpy()
+                           - block(Tensor(x)).data).max())
     if gap > 1e-3:
         print(f" [warning: PyTorch block differs by {gap:.2e}]", end="")
 
     def step():
         xt.grad = None
-        for t in (*ln1, *ln2, *(w for pair in lin.values() for w in pair)):
+        for t in w.values():
             t.grad = None
-        forward().backward(dyt)
+        ref.gpt2_block(xt, w, "", n_head).backward(dyt)
 
     return step
 

@@ -9,16 +9,15 @@ framework) runs in its own subprocess, so peak RSS (getrusage ru_maxrss) is that
 Model FLOPs utilisation (MFU) = achieved model FLOP/s / NumPy sgemm FLOP/s measured in the same
 run, with model FLOPs per token = 6 N + 12 L C T (N = parameters that multiply: everything but the
 embedding lookups; 12 L C T: attention scores and weighted sum, forward and backward, counted for
-the full T x T square as the kernels compute it). The PyTorch model is defined below with the same
-shapes and initialisation, 2 threads, attention written out as in the book (no fused SDPA kernel),
-and torch.optim.AdamW with the same decay groups, run twice: as the book calls it ("torch"), and
+the full T x T square as the kernels compute it). PyTorch runs `torch_reference.gpt2_logits` on
+copies of tinygpt's initial weights, 2 threads, its fused scaled_dot_product_attention, and
+torch.optim.AdamW with the same decay groups, run twice: as the book calls it ("torch"), and
 with fused=True ("torch-fused"), whose one-pass update is ~10x faster than the default on CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -82,24 +81,24 @@ def run_tinygpt(preset: str, B: int, steps: int) -> dict:
 
 def run_torch(preset: str, B: int, steps: int, fused_adamw: bool = False) -> dict:
     import torch
+
+    from tinygpt import GPT, GPTConfig
+    from tinygpt.bench import torch_reference as ref
     torch.set_num_threads(2)
-    from tinygpt import GPTConfig
     cfg = GPTConfig.preset(preset, block_size=T, dropout=0.0)
-    model = _torch_gpt(torch, cfg)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wte" not in n
-             and "wpe" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wte" not in n
-                                                               and "wpe" not in n)]
+    w = ref.parameters(GPT(cfg, seed=0), requires_grad=True)    # tinygpt's own initial weights
+    decay = [p for n, p in w.items() if p.ndim >= 2 and not n.startswith(("wte", "wpe"))]
+    no_decay = [p for n, p in w.items() if not (p.ndim >= 2 and not n.startswith(("wte", "wpe")))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}], lr=4e-4,
                             fused=fused_adamw or None)
     x, y = (torch.from_numpy(a) for a in _batch(cfg.vocab_size, B))
 
     def step():
-        logits = model(x)
+        logits = ref.gpt2_logits(x, w, cfg)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(w.values()), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return _measure(step, steps, B, cfg)
@@ -112,53 +111,6 @@ def _measure(step, steps: int, B: int, cfg) -> dict:
     return {"tokens_per_s": tokens_per_s, "step_s": seconds / steps,
             "model_gflops": tokens_per_s * model_flops_per_token(cfg) / 1e9,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def _torch_gpt(torch, cfg):
-    """The same GPT in PyTorch: pre-LN blocks, tanh GELU, untied head, GPT-2 initialisation."""
-    nn, F = torch.nn, torch.nn.functional
-    C, NH = cfg.n_embd, cfg.n_head
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
-            self.c_attn = nn.Linear(C, 3 * C, bias=cfg.qkv_bias)
-            self.attn_proj = nn.Linear(C, C)
-            self.c_fc, self.mlp_proj = nn.Linear(C, cfg.mlp_width), nn.Linear(cfg.mlp_width, C)
-            self.register_buffer("mask", torch.ones(T, T, dtype=torch.bool).triu(1))
-
-        def forward(self, x):
-            B_, T_, _ = x.shape
-            q, k, v = self.c_attn(self.ln_1(x)).view(B_, T_, 3, NH, C // NH).permute(2, 0, 3, 1, 4)
-            att = (q @ k.transpose(-1, -2)) / math.sqrt(C // NH)
-            att = att.masked_fill(self.mask[:T_, :T_], float("-inf")).softmax(-1)
-            x = x + self.attn_proj((att @ v).transpose(1, 2).reshape(B_, T_, C))
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-    class GPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = nn.Embedding(cfg.vocab_size, C), nn.Embedding(cfg.block_size, C)
-            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
-            self.ln_f = nn.LayerNorm(C)
-            self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
-            for name, p in self.named_parameters():
-                if p.ndim >= 2:
-                    std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") \
-                        else (0.01 if name.startswith("wpe") else 0.02)
-                    nn.init.normal_(p, std=std)
-                elif name.endswith("bias"):
-                    nn.init.zeros_(p)
-
-        def forward(self, idx):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-            for block in self.h:
-                x = block(x)
-            return self.lm_head(self.ln_f(x))
-
-    torch.manual_seed(0)
-    return GPT()
 
 
 def _child(framework: str, name: str, steps: int) -> int:
