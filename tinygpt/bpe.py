@@ -82,7 +82,7 @@ def read_checked(path: Path | str, sha256: str | None = None) -> bytes:
 
 def bundled_gpt2_paths() -> tuple[Path, Path]:
     """Paths of the `encoder.json` and `vocab.bpe` shipped inside the package."""
-    root = resources.files("tinygpt") / "data"
+    root = resources.files("tinygpt") / "assets"
     return Path(str(root / "encoder.json")), Path(str(root / "vocab.bpe"))
 
 

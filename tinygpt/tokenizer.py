@@ -1,7 +1,7 @@
 """Tokenizers with one interface: GPT-2 BPE through tiktoken (offline), and characters.
 
 Owns `GPT2Tokenizer` (tiktoken's fast Rust BPE, built from the `encoder.json` + `vocab.bpe` bundled
-in `tinygpt/data/`, each checked against its sha256 - tiktoken never touches the network) and
+in `tinygpt/assets/`, each checked against its sha256 - tiktoken never touches the network) and
 `CharTokenizer` (one id per character, for tiny-shakespeare-sized experiments). The BPE algorithm
 itself, written out in Python, is in `bpe.py`; turning ids into training batches is `data.py`.
 
@@ -14,7 +14,6 @@ Both tokenizers have `name`, `encode(text, allowed_special=...) -> list[int]`, `
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import tiktoken
 from tinygpt.bpe import (EOT, GPT2_FILES_SHA256, GPT2_PATTERN, BPETokenizer, bundled_gpt2_paths,
                          read_checked, read_gpt2_ranks)
 from tinygpt.fileio import write_json_atomic
+from tinygpt.validate import read_json_object
 
 EOT_ID = 50256       # GPT-2's <|endoftext|>, the id after the 50,256 ordinary tokens
 GPT2_VOCAB_SIZE = 50257
@@ -126,12 +126,20 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: Path | str) -> CharTokenizer:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"character vocabulary not found: {path}")
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or state.get("type") != "char":
+        state = read_json_object(path, "character vocabulary")
+        if state.get("type") != "char":
             raise ValueError(f"{path}: not a character-tokenizer vocabulary (expected type 'char')")
-        return cls(state["chars"])
+        return cls.from_list(state.get("chars"), path)
+
+    @classmethod
+    def from_list(cls, chars: object, source: str | Path) -> CharTokenizer:
+        """The vocabulary a JSON file (`source`) lists, or an error naming the file."""
+        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+            raise ValueError(f"{source}: chars must be a list of single characters")
+        try:
+            return cls(chars)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
 
 Tokenizer = GPT2Tokenizer | CharTokenizer | BPETokenizer
@@ -171,11 +179,8 @@ def load_tokenizer(directory: Path | str) -> Tokenizer:
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         return GPT2Tokenizer()
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    kind = state.get("type", state.get("format")) if isinstance(state, dict) else None
+    state = read_json_object(path, "tokenizer file")
+    kind = state.get("type", state.get("format"))
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
