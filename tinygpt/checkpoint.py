@@ -12,8 +12,9 @@ the previous checkpoint complete and readable; the old tensor file is deleted af
 Reading checks the JSON, the file's header and size (via `safetensors.py`) and a CRC32 of every
 array, so a truncated or corrupted checkpoint is an error that names the file, never bad weights.
 
-The folder also holds `log.csv` (one row per evaluation) and `loss.png` (when matplotlib is
-installed), rewritten atomically after each evaluation.
+The folder also holds `log.csv` (one row per evaluation), and `loss.png` and `lr.png` (the loss
+curves and the learning-rate schedule, when matplotlib is installed), rewritten atomically after
+each evaluation.
 
     python -m pytest tests/test_train.py -q -k checkpoint
 """
@@ -22,8 +23,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -136,9 +139,11 @@ LOG_COLUMNS = ("step", "epoch", "tokens_seen", "lr", "train_loss", "val_loss", "
                "val_ppl")
 
 
-def write_log(evals: list[dict], out: Path) -> None:
+def write_log(evals: list[dict], out: Path, lr_at: Callable[[int], float] | None = None,
+              max_steps: int = 0) -> None:
     """`log.csv` (always) and `loss.png` (when matplotlib is installed) from the eval rows; the
-    metrics' columns follow the fixed ones."""
+    metrics' columns follow the fixed ones. Given the schedule `lr_at(step)` of a run of
+    `max_steps` steps, also `lr.png` beside them."""
     columns = [*LOG_COLUMNS, *(k for k in evals[0] if k not in LOG_COLUMNS)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
@@ -148,33 +153,111 @@ def write_log(evals: list[dict], out: Path) -> None:
         with atomic_write(out / "log.csv", "w") as f:
             f.write(buf.getvalue())
         plot_losses(evals, out / "loss.png")
+        if lr_at is not None and max_steps > 0:
+            plot_lr_schedule(lr_at, max_steps, out / "lr.png", done=evals[-1]["step"])
     except OSError as e:                        # e.g. a full disk: say which file, keep the errno
         raise OSError(e.errno, f"cannot write the training log in {out}: {e.strerror}") from e
 
 
-def plot_losses(evals: list[dict], path: Path) -> bool:
-    """Train and val loss against steps (bottom axis) and tokens seen (top), as in the book's
-    figure 5.12. Returns False, silently, without matplotlib (the optional `plot` extra)."""
+# --- pictures of a run (matplotlib, the optional `plot` extra) ----------------------------------
+# The curves every run writes live here, beside the log they draw; the other pictures (attention,
+# tokens, confusion matrices) are in `plots.py`, which uses `pyplot` and `save_figure` from here.
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
+    return plt
+
+
+def save_figure(fig, path: Path | str, dpi: int = 100) -> Path:
+    """Write `fig` as a PNG atomically (a reader never sees half a file) and close it."""
+    plt = pyplot()
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _series(evals: list[dict], key: str) -> list[float] | None:
+    """A column of the log as floats, or None when it is missing or never has a value."""
+    values = [float(r.get(key, math.nan)) for r in evals]
+    return values if any(not math.isnan(v) for v in values) else None
+
+
+def _curves(ax, steps: list[int], evals: list[dict], metric: str) -> None:
+    """train / val / test curves of one metric (columns train_<metric>, ...), those present."""
+    for split, style in (("train", "-"), ("val", "-."), ("test", ":")):
+        values = _series(evals, f"{split}_{metric}")
+        if values is not None:
+            ax.plot(steps, values, linestyle=style, label=split)
+
+
+def loss_figure(evals: list[dict]):
+    """The loss curves of the eval rows (against steps, bottom, and tokens seen, top, as in the
+    book's figure 5.12), with a panel beside it for accuracy (a classifier's log: figure 6.16) or
+    for the reward margin (a DPO run's log) when the rows have those columns."""
+    plt = pyplot()
     steps = [r["step"] for r in evals]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["train_loss"] for r in evals], label="train")
-    ax.plot(steps, [r["val_loss"] for r in evals], linestyle="-.", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    top = ax.twiny()                              # same curve against tokens seen
+    panels = ["loss"] + [m for m in ("accuracy", "reward_margin")
+                         if any(_series(evals, f"{s}_{m}") for s in ("train", "val", "test"))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], panels):
+        _curves(ax, steps, evals, metric)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.legend()
+        if metric == "reward_margin":            # chosen minus rejected reward: above 0 is good
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+    top = axes[0][0].twiny()                     # the same loss curve against tokens seen
     top.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals], alpha=0)
     top.set_xlabel("tokens seen")
     fig.tight_layout()
-    try:
-        with atomic_write(path) as f:
-            fig.savefig(f, format="png")
-    finally:
-        plt.close(fig)
+    return fig
+
+
+def plot_losses(evals: list[dict], path: Path) -> bool:
+    """Write `loss_figure(evals)` to `path`. Returns False, silently, without matplotlib (the
+    optional `plot` extra)."""
+    if pyplot() is None:
+        return False
+    save_figure(loss_figure(evals), path)
+    return True
+
+
+def lr_figure(lr_at: Callable[[int], float], max_steps: int, done: int | None = None):
+    """Learning rate against step over a run of `max_steps` steps (the book's appendix D figure:
+    linear warmup, then cosine decay); with `done`, the steps taken so far drawn solid and the
+    rest dashed."""
+    plt = pyplot()
+    # every step of a short run (the warmup's corner is sharp); 2,000 of a long one
+    steps = np.unique(np.linspace(0, max_steps - 1, min(max_steps, 2000)).round().astype(int))
+    lrs = np.array([lr_at(int(s)) for s in steps])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if done is None:
+        ax.plot(steps, lrs)
+    else:
+        ax.plot(steps, lrs, linestyle="--", color="C0", alpha=0.5, label="to come")
+        ax.plot(steps[steps <= done], lrs[steps <= done], color="C0", label=f"done ({done})")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"peak {lrs.max():.2e}, last {lrs[-1]:.2e}, {max_steps:,} steps")
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_schedule(lr_at: Callable[[int], float], max_steps: int, path: Path | str,
+                     done: int | None = None) -> bool:
+    """Write `lr_figure(...)` to `path`; False, silently, without matplotlib."""
+    if pyplot() is None:
+        return False
+    save_figure(lr_figure(lr_at, max_steps, done), path)
     return True

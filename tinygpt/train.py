@@ -437,7 +437,8 @@ class _Run:
                 and self.model_config):
             self.say(f"sample: {sample_text(self.model, tokenizer, cfg)}")
         if self.out is not None and self.is_main:
-            write_log(r.evals, self.out)
+            write_log(r.evals, self.out, lambda step: cfg.lr_at(step, self.max_steps),
+                      self.max_steps)
         if on_eval is not None:
             on_eval(row, r)
 
