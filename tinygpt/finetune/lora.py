@@ -16,12 +16,12 @@ What this module does to a model:
   new. GPT-2's fused `c_attn` computes q, k and v in one matmul; it gets one adapter per part
   (A (C, 3r) and B (3r, C): three (C, r) @ (r, C) pairs), exactly what the book's three separate
   Linears W_query, W_key, W_value get, so the parameter counts are the book's.
-- The language-model head of a `CausalLM` is `head_weight()`, a matrix the forward pass multiplies
-  by, not a module it calls. A *tied* head (GPT-2, SmolLM2: the head is the embedding transposed)
-  is untied first: the head gets its own frozen copy of the embedding, so the adapter changes what
-  the model says without changing how it reads (the book's GPTModel has a separate out_head
-  anyway), and a merged model saves as a plain untied hub-layout model. The head's adapter enters
-  through `head_weight()` as W + (alpha/r) A @ B (see `_adapted_head_weight`).
+- The language-model head of a `CausalLM` counts as a Linear named `lm_head`. A *tied* head
+  (GPT-2, SmolLM2: the head is the embedding transposed) is untied first: the head gets its own
+  frozen copy of the embedding (C x V floats more), so the adapter changes what the model says
+  without changing how it reads (the book's GPTModel has a separate out_head anyway), and a merged
+  model saves as a plain untied hub-layout model. The forward pass calls `lm_head` like any
+  Linear; code that multiplies by `head_weight()` instead gets W + (alpha/r) A @ B from it.
 - `merge(model)` folds (alpha/r) A @ B into each W (generation then costs what the base model
   costs); `unmerge(model)` puts the base W back exactly; `unload(model)` merges for good and
   leaves plain Linears (a model `save_pretrained` writes like any other).
@@ -214,9 +214,9 @@ def _untie_head(model: CausalLM) -> None:
 def _adapted_head_weight(model: CausalLM) -> Tensor:
     """head_weight() of a model whose lm_head is a LoRALinear: W + (alpha/r) A @ B.
 
-    NOTE: CausalLM.forward multiplies by head_weight() instead of calling lm_head, so the head's
-    adapter is folded into the matrix here (an (C, V) product per forward; merge before long
-    generations to make it free). Set as an instance attribute by apply_lora."""
+    NOTE: CausalLM's forward calls lm_head, but some heads of stage 3 (a classifier's, DPO's
+    log-probs) multiply by head_weight(), so it must include the adapter too. This forms the
+    (C, V) matrix on every call; merge first to make it free. Set on the instance by apply_lora."""
     head = model.lm_head
     return head.weight if head.merged else head.weight + head.delta_weight()
 
