@@ -247,3 +247,16 @@ def test_delta_weight_is_the_delta_of_the_output():
     A, B = layer.lora_A.data, layer.lora_B.data
     part1 = x @ A[:, 2:4] @ B[2:4] * 1.5
     np.testing.assert_allclose(layer.delta(Tensor(x)).data[:, 2:4], part1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt, tiny_llama])
+def test_head_weight_includes_the_heads_adapter(make):
+    # classifiers and DPO multiply by head_weight(); the forward calls lm_head: both must agree
+    model = make()
+    apply_lora(model, rank=2, alpha=4)
+    randomize_b(model)
+    via_matrix = F.linear(model.hidden(IDX), model.head_weight()).data
+    np.testing.assert_allclose(model(IDX).data, via_matrix, rtol=1e-5, atol=1e-5)
+    merge(model)
+    np.testing.assert_allclose(F.linear(model.hidden(IDX), model.head_weight()).data,
+                               via_matrix, rtol=1e-5, atol=1e-5)
