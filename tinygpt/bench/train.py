@@ -28,6 +28,9 @@ import numpy as np
 CONFIGS = {"mini": ("gpt-mini", 8), "124m": ("gpt2", 4)}      # name -> (preset, batch size)
 FRAMEWORKS = ("tinygpt", "torch", "torch-fused")
 T = 256
+# the book's chapter 6 step: GPT-2 124M, batch 8 x 120 tokens, a 2-class head on the last token
+CLASSIFIER_TRAINABLE = ("all", "last-block")
+CLS_B, CLS_T = 8, 120
 
 
 def model_flops_per_token(cfg) -> float:
@@ -79,6 +82,30 @@ def run_tinygpt(preset: str, B: int, steps: int) -> dict:
     return _measure(step, steps, B, cfg)
 
 
+def run_classifier(trainable: str, steps: int) -> dict:
+    """One classifier step (forward, loss, backward, clipping, AdamW) of GPT-2 124M with `trainable`
+    parameters: everything, or the book's last block + final norm + head. The frozen prefix
+    records no graph (see nn.Module.requires_grad_), so its activations are not kept."""
+    from tinygpt import GPT, GPTConfig, runtime
+    from tinygpt.finetune.classify import Classifier, classification_loss, set_trainable
+    from tinygpt.train import TrainConfig, make_optimizer, train_step
+    runtime.keep_freed_memory()
+    cfg = GPTConfig.preset("gpt2", qkv_bias=True, tie_weights=True, block_size=1024)
+    model = Classifier(GPT(cfg, seed=0), 2, token_pos="last")
+    set_trainable(model, trainable)
+    opt = make_optimizer(model, TrainConfig(context_length=CLS_T, batch_size=CLS_B))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (CLS_B, CLS_T))
+    batch = (ids, np.full(CLS_B, CLS_T), rng.integers(0, 2, CLS_B))
+
+    def step():
+        train_step(model, opt, iter([batch]), loss_fn=classification_loss,
+                   count_tokens=lambda b: b[0].size)
+    out = _measure(step, steps, CLS_B, cfg, tokens_per_step=CLS_B * CLS_T)
+    out["trainable"] = model.num_parameters(trainable_only=True)
+    return out
+
+
 def run_torch(preset: str, B: int, steps: int, fused_adamw: bool = False) -> dict:
     import torch
 
@@ -104,16 +131,19 @@ def run_torch(preset: str, B: int, steps: int, fused_adamw: bool = False) -> dic
     return _measure(step, steps, B, cfg)
 
 
-def _measure(step, steps: int, B: int, cfg) -> dict:
+def _measure(step, steps: int, B: int, cfg, tokens_per_step: int | None = None) -> dict:
     step()                                       # warm-up: numba compile/cache load, allocations
     seconds = _timed(lambda: [step() for _ in range(steps)])
-    tokens_per_s = B * T * steps / seconds
+    tokens_per_s = (tokens_per_step or B * T) * steps / seconds
     return {"tokens_per_s": tokens_per_s, "step_s": seconds / steps,
             "model_gflops": tokens_per_s * model_flops_per_token(cfg) / 1e9,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _child(framework: str, name: str, steps: int) -> int:
+    if name.startswith("cls-"):
+        print(json.dumps(run_classifier(name[4:], steps)))
+        return 0
     preset, B = CONFIGS[name]
     if framework == "tinygpt":
         result = run_tinygpt(preset, B, steps)
@@ -134,16 +164,23 @@ def _spawn(framework: str, name: str, steps: int) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinygpt bench train", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="mini,124m", help="comma-separated: mini, 124m")
+    parser.add_argument("--only", default="mini,124m",
+                        help="comma-separated: mini, 124m, and classifier (GPT-2 124M, B=8, "
+                        "T=120: all parameters trained against the last block + norm + head)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
-    if any(n not in CONFIGS for n in names):
-        parser.error(f"--only takes {', '.join(CONFIGS)}")
     if args.child:
         return _child(args.child, names[0], args.steps)
+    if any(n not in CONFIGS and n != "classifier" for n in names):
+        parser.error(f"--only takes {', '.join(CONFIGS)}, classifier")
+    if "classifier" in names:
+        names.remove("classifier")
+        _classifier_table(args.steps)
+        if not names:
+            return 0
     try:
         import torch  # noqa: F401  (only to know whether to compare)
         have_torch = not args.no_torch
@@ -170,6 +207,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['step_s']:>8.2f}{r['model_gflops']:>9.0f}"
                   f"{100 * r['model_gflops'] / gemm:>6.0f}%{r['peak_rss_mb']:>13,.0f}{ratio:>14}")
     return 0
+
+
+def _classifier_table(steps: int) -> None:
+    results = {t: _spawn("tinygpt", f"cls-{t}", steps) for t in CLASSIFIER_TRAINABLE}
+    print(f"classifier step, GPT-2 124M, batch {CLS_B} x {CLS_T} tokens, 2-class head; "
+          f"{steps} timed steps after a warm-up step")
+    print(f"{'trainable':<12}{'parameters':>14}{'step s':>8}{'peak RSS MB':>13}{'time vs all':>13}")
+    full = results["all"]
+    for name, r in results.items():
+        if r is not None:
+            print(f"{name:<12}{r['trainable']:>14,}{r['step_s']:>8.2f}{r['peak_rss_mb']:>13,.0f}"
+                  f"{r['step_s'] / full['step_s']:>12.2f}x")
 
 
 if __name__ == "__main__":
