@@ -183,6 +183,18 @@ def test_frozen_prefix_cache_gives_the_same_loss_and_gradients(make):
         np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-4, atol=1e-7)
 
 
+def test_warmed_cache_gives_what_the_forward_pass_computes():
+    ids, lengths, labels = batch([5, 9, 3, 12, 7, 1])
+    data = C.ClassificationDataset([row[:n] for row, n in zip(ids, lengths)], labels, 7)
+    plain = C.Classifier(tiny_llama(100), 2)
+    cached = C.Classifier(tiny_llama(100), 2, cache_frozen=True)
+    C.set_trainable(cached, "last-block")
+    assert cached.warm_cache([data], batch_size=4) == 6
+    np.testing.assert_allclose(cached(ids, lengths).data, plain(ids, lengths).data,
+                               rtol=1e-5, atol=1e-6)
+    assert len(cached.frozen_states) == 6                    # nothing new computed
+
+
 def test_no_cache_for_the_book_position_or_a_trained_embedding():
     model = C.Classifier(tiny_gpt(vocab_size=100), 2, "last", cache_frozen=True)
     C.set_trainable(model, "last-block")
@@ -369,3 +381,34 @@ def test_offline_default_data_is_one_line_saying_to_pass_data(empty_places, tmp_
     rc, out, err = _run(["finetune-classifier", "--random-init", "--model", "gpt-mini",
                          "--out", str(tmp_path / "o"), "--quiet"], capsys)
     assert rc == 2 and "pass --data FILE" in err and len(err.strip().splitlines()) == 1
+
+
+# --- the demo ------------------------------------------------------------------------------------
+
+def _demo():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "demos" / "spam_classifier.py"
+    spec = importlib.util.spec_from_file_location("spam_classifier", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_reports_epochs_accuracy_time_and_memory(shared, tmp_path, capsys):
+    base = tmp_path / "base"
+    save_pretrained(tiny_gpt(), base, GPT2Tokenizer())
+    rc = _demo().main(["--model", str(base), "--data", str(shared / SMS), "--max-steps", "3",
+                       "--out", str(tmp_path / "out"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "split 1045/149/300, padded to 120 tokens with id 50256" in out
+    assert "trainable (last-block)" in out
+    assert "final: train" in out and "peak RSS" in out
+    assert (tmp_path / "out" / "classifier.json").is_file()
+
+
+def test_demo_offline_says_to_pass_data(empty_places, monkeypatch, capsys):
+    monkeypatch.setattr(D, "SMS_URLS", ("http://127.0.0.1:9/sms.zip",))
+    assert _demo().main(["--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and len(err.strip().splitlines()) == 1

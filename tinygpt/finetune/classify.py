@@ -67,6 +67,7 @@ class Classifier(Module):
         self.rng = getattr(backbone, "rng", None)        # dropout masks, kept in checkpoints
         self.cache_frozen = cache_frozen
         self.frozen_states: dict[bytes, np.ndarray] = {}   # text's ids -> (T, C) after the prefix
+        self._memo = None                                 # see _logits
 
     @property
     def config(self):
@@ -102,7 +103,17 @@ class Classifier(Module):
         n_frozen = self._frozen_blocks()
         if n_frozen == 0:
             return self.backbone.hidden(ids)
+        keys = self._fill_cache(ids, lengths, n_frozen)
         states = np.zeros((*ids.shape, self.config.n_embd), dtype=self.head.weight.dtype)
+        for b, key in enumerate(keys):
+            states[b, :lengths[b]] = self.frozen_states[key]
+        x = Tensor(states)
+        for i, block in enumerate(self.backbone.blocks()[n_frozen:], n_frozen):
+            x = block(x, None, i)
+        return self.backbone.norm_f(x)
+
+    def _fill_cache(self, ids: np.ndarray, lengths: np.ndarray, n_frozen: int) -> list[bytes]:
+        """Run the frozen blocks on the texts not cached yet; return every text's key."""
         keys = [ids[b, :n].tobytes() for b, n in enumerate(lengths)]
         missing = [b for b, key in enumerate(keys) if key not in self.frozen_states]
         if missing:
@@ -110,15 +121,33 @@ class Classifier(Module):
                 rows = ids[missing, :int(lengths[missing].max())]
                 x = self.backbone.embed(check_token_ids(rows, self.config.vocab_size), 0)
                 for i, block in enumerate(self.backbone.blocks()[:n_frozen]):
-                    x = block(x, None, i)
+                    x = block(x, None, i)                                # (B, T, C)
             for j, b in enumerate(missing):
                 self.frozen_states[keys[b]] = x.data[j, :lengths[b]].copy()
-        for b, key in enumerate(keys):
-            states[b, :lengths[b]] = self.frozen_states[key]
-        x = Tensor(states)
-        for i, block in enumerate(self.backbone.blocks()[n_frozen:], n_frozen):
-            x = block(x, None, i)
-        return self.backbone.norm_f(x)
+        return keys
+
+    def warm_cache(self, datasets: Sequence[ClassificationDataset], batch_size: int = 16,
+                   progress: bool = False) -> int:
+        """Fill the cache for every text of `datasets`, shortest first: batches of similar
+        lengths compute about half the pad positions that random batches do (SMS: 56k tokens
+        against 102k). Returns how many texts are cached (0 when nothing may be)."""
+        from tqdm import tqdm
+        n_frozen = self._frozen_blocks()
+        if n_frozen == 0:
+            return 0
+        texts = [ds.ids[i, :ds.lengths[i]] for ds in datasets for i in range(len(ds))]
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        with tqdm(total=len(texts), desc="frozen blocks", unit="text", disable=not progress,
+                  leave=False) as bar:
+            for start in range(0, len(order), batch_size):
+                rows = [texts[i] for i in order[start:start + batch_size]]
+                lengths = np.array([len(t) for t in rows])
+                ids = np.zeros((len(rows), lengths.max()), dtype=np.int64)
+                for b, t in enumerate(rows):
+                    ids[b, :len(t)] = t
+                self._fill_cache(ids, lengths, n_frozen)
+                bar.update(len(rows))
+        return len(self.frozen_states)
 
     def _frozen_blocks(self) -> int:
         """How many leading blocks the cache may stand for: 0 unless `cache_frozen`, the
@@ -148,7 +177,7 @@ def set_trainable(model: Classifier, mode: str, *, lora_rank: int = 16,
     as the backbone's parameters outside its blocks, embeddings and vocabulary head.
     """
     if mode not in TRAINABLE:
-        raise ValueError(f"unknown --trainable {mode!r}; choose from {', '.join(TRAINABLE)}")
+        raise ValueError(f"unknown trainable mode {mode!r}; choose from {', '.join(TRAINABLE)}")
     backbone = model.backbone
     model.requires_grad_(False)
     model.frozen_states.clear()                           # states of an earlier freezing
@@ -211,7 +240,7 @@ def accuracy(model: Classifier, ids: np.ndarray, lengths: np.ndarray,
 def _logits(model: Classifier, ids: np.ndarray, lengths: np.ndarray) -> Tensor:
     """model(ids, lengths), remembered for one call when no graph is recorded: `train()`'s
     evaluation calls the loss and then each metric on the same batch, and one forward serves."""
-    memo = getattr(model, "_memo", None)
+    memo, model._memo = model._memo, None
     if memo is not None and memo[0] is ids and memo[1] is lengths:
         return memo[2]
     logits = model(ids, lengths)
@@ -282,6 +311,11 @@ def finetune_classifier(model: Classifier, splits: Splits, cfg, out_dir: str | o
                        "seconds": time.perf_counter() - start})
         say(f"epoch {epoch}: test accuracy {test:.2%} ({epochs[-1]['seconds']:.0f} s)")
 
+    cached = model.warm_cache([s.dataset for s in (splits.train, splits.val, splits.test)],
+                              progress=progress)
+    if cached:
+        say(f"frozen blocks run once per text: {cached:,} texts cached "
+            f"({time.perf_counter() - start:.0f} s)")
     before = {name: evaluate_split(model, loader) for name, loader in
               (("val", splits.val), ("test", splits.test))}
     say(f"before training: accuracy val {before['val']['accuracy']:.2%}, test "
