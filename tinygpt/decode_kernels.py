@@ -69,16 +69,22 @@ def attend_one_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int) -> 
 
 # --- numba kernels --------------------------------------------------------------------------------
 
+# NOTE: each loop reads one weight row through a 1-D view (`w[o]`) and counts from 0 inside a
+# group. Indexing `q[o, i]` over `range(g * G, (g + 1) * G)` computes the same sums but LLVM then
+# does not vectorise the int8 loop: 6.6 ms instead of 53 us for a (1536, 576) product, measured.
+
 @njit(cache=True, parallel=True, fastmath=True)
 def matvec_f32_numba(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     O, I = w.shape
     M = x.shape[0]
     y = np.empty((M, O), np.float32)
     for o in prange(O):
+        row = w[o]
         for m in range(M):
+            xm = x[m]
             acc = np.float32(0.0)
             for i in range(I):
-                acc += w[o, i] * x[m, i]
+                acc += row[i] * xm[i]
             y[m, o] = acc
     return y
 
@@ -91,13 +97,16 @@ def matvec_i8_numba(q: np.ndarray, scale: np.ndarray, x: np.ndarray) -> np.ndarr
     M = x.shape[0]
     y = np.empty((M, O), np.float32)
     for o in prange(O):
+        row, s = q[o], scale[o]
         for m in range(M):
+            xm = x[m]
             total = np.float32(0.0)
             for g in range(n_groups):
+                base = g * G
                 acc = np.float32(0.0)
-                for i in range(g * G, (g + 1) * G):
-                    acc += np.float32(q[o, i]) * x[m, i]
-                total += acc * scale[o, g]
+                for i in range(G):
+                    acc += np.float32(row[base + i]) * xm[base + i]
+                total += acc * s[g]
             y[m, o] = total
     return y
 
@@ -110,18 +119,20 @@ def matvec_q4_numba(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, x: np.ndar
     half = GROUP // 2
     y = np.empty((M, O), np.float32)
     for o in prange(O):
+        row, d_o, mn_o = codes[o], d[o], mn[o]
         for m in range(M):
+            xm = x[m]
             total = np.float32(0.0)
             for g in range(n_groups):
+                cb, xb = g * half, g * GROUP
                 acc = np.float32(0.0)               # sum code * x over the group
                 xs = np.float32(0.0)                # sum x over the group (for the offset mn)
                 for j in range(half):
-                    byte = codes[o, g * half + j]
-                    x_lo = x[m, g * GROUP + j]
-                    x_hi = x[m, g * GROUP + j + half]
+                    byte = row[cb + j]
+                    x_lo, x_hi = xm[xb + j], xm[xb + half + j]
                     acc += np.float32(byte & 0x0F) * x_lo + np.float32(byte >> 4) * x_hi
                     xs += x_lo + x_hi
-                total += d[o, g] * acc + mn[o, g] * xs
+                total += d_o[g] * acc + mn_o[g] * xs
             y[m, o] = total
     return y
 
