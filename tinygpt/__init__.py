@@ -1,8 +1,10 @@
 """tinygpt: a GPT built from first principles in NumPy.
 
 The public API, bottom layer first (README "Reading order"): the autograd engine (`Tensor`,
-`no_grad`), the ops (`tinygpt.functional`), `gradcheck`, the model (`GPTConfig`, `GPT`),
-tokenizers and data, generation, training, and GPT-2 weights.
+`no_grad`), the ops (`tinygpt.functional`), `gradcheck`, the models (`GPTConfig`, `GPT`,
+`LlamaConfig`, `Llama`), tokenizers and data, generation (and `pack_for_inference`), training,
+and weights (`load_pretrained` reads GPT-2 and Llama folders, GPT-2 names and .gguf files).
+Stage 3 lives in `tinygpt.finetune` (classify, instruct, lora, dpo, templates).
 """
 from tinygpt import runtime
 
@@ -13,13 +15,16 @@ from tinygpt.autograd import Tensor, no_grad
 from tinygpt.data import DataLoader, GPTDataset, MemmapDataset, create_dataloader, prepare
 from tinygpt.generate import generate, stream
 from tinygpt.gradcheck import gradcheck
+from tinygpt.inference import pack_for_inference
+from tinygpt.llama import Llama, LlamaConfig
 from tinygpt.model import GPT, GPTConfig
 from tinygpt.optim import SGD, AdamW
 from tinygpt.tokenizer import CharTokenizer, GPT2Tokenizer, get_tokenizer
 from tinygpt.train import TrainConfig, train
-from tinygpt.weights import load_gpt2, save_pretrained
+from tinygpt.weights import load_gpt2, load_pretrained, save_pretrained
 
 __all__ = ["AdamW", "CharTokenizer", "DataLoader", "GPT", "GPT2Tokenizer", "GPTConfig",
-           "GPTDataset", "MemmapDataset", "SGD", "Tensor", "TrainConfig", "create_dataloader",
-           "functional", "generate", "get_tokenizer", "gradcheck", "load_gpt2", "no_grad",
-           "prepare", "save_pretrained", "stream", "train"]
+           "GPTDataset", "Llama", "LlamaConfig", "MemmapDataset", "SGD", "Tensor", "TrainConfig",
+           "create_dataloader", "functional", "generate", "get_tokenizer", "gradcheck",
+           "load_gpt2", "load_pretrained", "no_grad", "pack_for_inference", "prepare",
+           "save_pretrained", "stream", "train"]
