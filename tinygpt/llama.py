@@ -30,6 +30,7 @@ from tinygpt.autograd import Tensor
 from tinygpt.fused import rope_tables
 from tinygpt.model import CausalLM
 from tinygpt.nn import Embedding, KVCache, Linear, Module, Parameter
+from tinygpt.validate import check_fields, check_number
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class LlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        check_fields(self)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"LlamaConfig: n_head {self.n_head} is not a multiple of n_kv_head "
                              f"{self.n_kv_head}")
@@ -60,9 +62,10 @@ class LlamaConfig:
                              f"{self.n_head} (give head_dim)")
         if self.head_size % 2:
             raise ValueError(f"LlamaConfig: RoPE needs an even head size, got {self.head_size}")
-        if not (self.rms_norm_eps > 0 and self.rope_theta > 1):
-            raise ValueError(f"LlamaConfig: rms_norm_eps must be > 0 and rope_theta > 1, got "
-                             f"{self.rms_norm_eps} and {self.rope_theta}")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ValueError(f"LlamaConfig.head_dim must be positive or None, got {self.head_dim}")
+        check_number("LlamaConfig.rms_norm_eps", self.rms_norm_eps, 0.0, lo_open=True)
+        check_number("LlamaConfig.rope_theta", self.rope_theta, 1.0, lo_open=True)
 
     @property
     def head_size(self) -> int:

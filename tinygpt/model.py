@@ -20,6 +20,7 @@ from tinygpt import functional as F
 from tinygpt.autograd import Tensor
 from tinygpt.nn import (CausalSelfAttention, Dropout, Embedding, KVCache, LayerNorm, Linear, MLP,
                         Module, packed_product)
+from tinygpt.validate import check_fields, check_number
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,17 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self):
+        check_fields(self)                           # "64" or 64.0 from a JSON file, named
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_inner is not None and self.n_inner <= 0:
+            raise ValueError(f"GPTConfig.n_inner must be positive or None, got {self.n_inner}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd {self.n_embd} is not divisible by n_head "
                              f"{self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_number("GPTConfig.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_number("GPTConfig.layer_norm_epsilon", self.layer_norm_epsilon, 0.0, lo_open=True)
 
     @property
     def mlp_width(self) -> int:
