@@ -34,7 +34,6 @@ U+16FF4-U+16FF6): tiktoken does not count them as numbers, so "smollm" does not 
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ import regex
 import tiktoken
 
 from tinygpt.bpe import GPT2_PATTERN, bytes_to_unicode
+from tinygpt.validate import read_json_object
 
 # Hugging Face's Sequence[Digits(individual_digits=True), ByteLevel] as one regex: every digit is a
 # word (`\p{N}` first); the text between digits is split by GPT-2's regex, so a digit ends a word
@@ -316,11 +316,8 @@ def _merge_priority(merges: Sequence[str | Sequence[str]], ranks: dict[bytes, in
     return priority
 
 
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+def _read_json(path: Path) -> dict:
+    return read_json_object(path, "tokenizer file")
 
 
 def _check_hf_options(path: Path, state: dict, model: dict) -> None:

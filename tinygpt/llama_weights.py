@@ -15,7 +15,6 @@ rotates (x[i], x[i + HS/2]), so the permutation is undone on load (`_unpermute`)
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tinygpt.fileio import write_json_atomic
 from tinygpt.llama import Llama, LlamaConfig
 from tinygpt.nn import shape_mismatches
 from tinygpt.safetensors import load_safetensors, save_safetensors
+from tinygpt.validate import check_finite, read_json_object, short_list
 
 # llama.cpp's tensor names -> ours (Hugging Face's); {i} is the layer
 GGUF_NAMES = {
@@ -118,16 +118,18 @@ def _load_gguf(path: Path, metadata: dict, tensors: dict, keep_quantized: bool =
         heads = {"q_proj.weight": cfg.n_head, "k_proj.weight": cfg.n_kv_head}.get(
             ours.rpartition("self_attn.")[2])
         if len(t.shape) == 2 and (keep_quantized or pack is not None):
-            _pack_gguf_tensor(model, ours, t, heads, None if keep_quantized else pack)
+            _pack_gguf_tensor(model, ours, t, heads, None if keep_quantized else pack, str(path))
             continue
         w = dequantize(t)                                     # (out, in) rows, or a vector
+        check_finite(ours, w, path)
         if heads is not None:
             w = _unpermute(w, heads)
         params[ours].data = _to_ours(ours, w)
     return model.eval() if keep_quantized or pack else model
 
 
-def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None, pack: str | None) -> None:
+def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None, pack: str | None,
+                      source: str = "GGUF file") -> None:
     """Put matrix `t` in the place of parameter `name`, packed (out, in) for generation: as the
     file's blocks (pack None), or dequantized to "float32" or "int8" rows. GGUF's matrices are
     already rows per output, so nothing is transposed."""
@@ -136,7 +138,11 @@ def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None, pack: str |
     if pack is None:
         packed = PackedWeight.from_gguf(t)
     else:
-        packed = PackedWeight.from_rows(dequantize(t), None if pack == "float32" else pack)
+        w = dequantize(t)
+        check_finite(name, w, source)
+        packed = PackedWeight.from_rows(w, None if pack == "float32" else pack)
+    for a in packed.arrays:                            # the blocks' float scales, or the rows
+        check_finite(name, a, source)
     if heads is not None:                              # llama.cpp's q/k row order, undone
         order = _unpermute(np.arange(t.shape[0])[:, None], heads)[:, 0]
         packed = PackedWeight(packed.kind, tuple(np.ascontiguousarray(a[order])
@@ -163,7 +169,7 @@ def _to_ours(name: str, w: np.ndarray) -> np.ndarray:
 def _check_fit(path: Path, params: dict, shapes: dict) -> None:
     missing, unexpected, misshaped = shape_mismatches({n: p.shape for n, p in params.items()},
                                                       shapes)
-    problems = [f"{label} [{', '.join(items[:4])}{' and more' if len(items) > 4 else ''}]"
+    problems = [f"{label} [{short_list(items)}]"
                 for label, items in (("missing", missing), ("unexpected", unexpected),
                                      ("wrong shape", misshaped)) if items]
     if problems:
@@ -202,17 +208,25 @@ def load_llama_pretrained(path: str | os.PathLike, pack: str | None = None):
 def load_llama_hf(dir: str | os.PathLike) -> Llama:
     """A Llama from a hub folder: config.json (LlamaForCausalLM) + model.safetensors."""
     dir = Path(dir)
-    cfg = LlamaConfig.from_hf(_read_json(dir / "config.json"), str(dir / "config.json"))
-    model = Llama(cfg, init=False)
-    params = dict(model.named_parameters())
+    cfg = LlamaConfig.from_hf(read_json_object(dir / "config.json", "config.json"),
+                              str(dir / "config.json"))
     path = dir / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{dir}: no model.safetensors beside config.json")
     arrays = load_safetensors(path)
+    asked = 4 * cfg.n_embd * (cfg.vocab_size + cfg.n_layer * (4 * cfg.n_embd + 3 * cfg.n_inner))
+    if asked > 2 * path.stat().st_size + (1 << 20):     # before allocating: not a MemoryError
+        raise ValueError(f"{dir / 'config.json'}: vocab_size {cfg.vocab_size}, num_hidden_layers "
+                         f"{cfg.n_layer}, hidden_size {cfg.n_embd} need about {asked / 1e6:,.0f} "
+                         f"MB of weights, but model.safetensors holds "
+                         f"{path.stat().st_size / 1e6:,.1f} MB")
+    model = Llama(cfg, init=False)
+    params = dict(model.named_parameters())
     if cfg.tie_weights:
         arrays.pop("lm_head.weight", None)                  # transformers may write the tied copy
     _check_fit(path, params, {n: _our_shape(n, a.shape) for n, a in arrays.items()})
     for name, a in arrays.items():
+        check_finite(name, a, path)
         params[name].data = _to_ours(name, a)
     return model
 
@@ -227,19 +241,6 @@ def save_llama_hf(model: Llama, dir: str | os.PathLike) -> Path:
                      dir / "model.safetensors", metadata={"format": "pt"})
     write_json_atomic(dir / "config.json", model.config.to_hf())
     return dir
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def load_llama(path: str | os.PathLike) -> Llama:

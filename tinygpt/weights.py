@@ -26,7 +26,6 @@ from the file directly into its parameter array (`readinto`), so the weights are
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import fields
@@ -41,6 +40,7 @@ from tinygpt.model import GPT, CausalLM, GPTConfig
 from tinygpt.nn import shape_mismatches
 from tinygpt.safetensors import Header, load_safetensors, read_header, save_safetensors
 from tinygpt.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from tinygpt.validate import check_finite, read_json_object, short_list
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 HF_PREFIX = "transformer."                             # names written by transformers' save_pretrained
@@ -80,29 +80,26 @@ def config_from_json(path: str | os.PathLike) -> GPTConfig:
     """A `GPTConfig` from a JSON file of its fields, or from a Hugging Face GPT-2 `config.json`
     (recognised by keys such as `model_type` or `n_positions`)."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model config not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object of GPTConfig fields or a Hugging Face "
-                         "config.json")
+    d = read_json_object(path, "model config")
     if any(k in d for k in HF_ONLY_KEYS):
-        try:
-            return config_from_hf(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return _config_from_hf_file(d, path)
     known = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown GPTConfig field(s) {', '.join(unknown)} (known: "
+        raise ValueError(f"{path}: unknown GPTConfig field(s) {short_list(unknown)} (known: "
                          f"{', '.join(sorted(known))})")
     try:
         return GPTConfig(**d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def _config_from_hf_file(hf: dict, path: Path) -> GPTConfig:
+    """`config_from_hf`, its errors naming the file (a wrong type or range included)."""
+    try:
+        return config_from_hf(hf)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
 
 
 def config_to_hf(cfg: GPTConfig) -> dict:
@@ -147,8 +144,10 @@ def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights
     (`inference.py`), so the float32 training layout never exists whole.
     """
     directory = resolve_gpt2(path_or_name, dir, download=download)
-    with open(directory / CONFIG_FILE, encoding="utf-8") as f:
-        cfg = config_from_hf(json.load(f))
+    cfg = _config_from_hf_file(read_json_object(directory / CONFIG_FILE, "config.json"),
+                               directory / CONFIG_FILE)
+    header = read_header(directory / WEIGHTS_FILE)
+    _check_config_fits(directory, cfg, header)      # before allocating what the config asks for
     model = GPT(cfg, init=False)                    # every weight is read from the file
     on_tensor = None
     if pack is not None:
@@ -178,13 +177,25 @@ def load_pretrained(path_or_name: str | os.PathLike, dir: str | os.PathLike = "w
 
 
 def _model_type(path: Path) -> str | None:
-    """`model_type` of a folder's config.json, or None when there is none to read."""
+    """`model_type` of a folder's config.json, or None when there is none to read (the GPT-2
+    loader then reads it again and says what is wrong with it)."""
     try:
-        with open(path / CONFIG_FILE, encoding="utf-8") as f:
-            hf = json.load(f)
+        return read_json_object(path / CONFIG_FILE).get("model_type")
     except (OSError, ValueError):
         return None
-    return hf.get("model_type") if isinstance(hf, dict) else None
+
+
+def _check_config_fits(directory: Path, cfg: GPTConfig, header: Header) -> None:
+    """A config.json asking for far more weights than model.safetensors holds (vocab_size 10^15,
+    5000 layers) is an error naming its sizes, before the model is allocated: a MemoryError
+    otherwise. Smaller mismatches are listed tensor by tensor by `_check_names`."""
+    V, T, L, C = cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd
+    per_layer = 2 * 4 * C * C + 4 * C * cfg.mlp_width     # attention and MLP matrices
+    asked = 4 * (V * C + T * C + L * per_layer)           # float32 bytes, biases left out
+    if asked > 2 * header.file_size + (1 << 20):
+        raise ValueError(f"{directory / CONFIG_FILE}: vocab_size {V}, block_size {T}, n_layer {L}, "
+                         f"n_embd {C} need about {asked / 1e6:,.0f} MB of weights, but "
+                         f"{WEIGHTS_FILE} holds {header.file_size / 1e6:,.1f} MB")
 
 
 def load_weights(model: GPT, path: str | os.PathLike,
@@ -208,6 +219,7 @@ def load_weights(model: GPT, path: str | os.PathLike,
     with open(path, "rb") as f:
         for name, p in params.items():
             _read_into(f, path, header, stored[name], p.data)
+            check_finite(stored[name], p.data, path)
             if name == "wte.weight" and model.lm_head is None and head is not None:
                 _check_tied_head(f, path, header, head, p.data)
             if on_tensor is not None:
@@ -215,6 +227,7 @@ def load_weights(model: GPT, path: str | os.PathLike,
         if model.lm_head is not None:
             vc = np.empty(header.tensors[head].shape, np.float32)             # (V, C)
             _read_into(f, path, header, head, vc)
+            check_finite(head, vc, path)
             model.lm_head.weight.data = np.ascontiguousarray(vc.T)             # (C, V)
             if on_tensor is not None:
                 on_tensor("lm_head.weight")
@@ -238,7 +251,7 @@ def _check_names(path: Path, params: dict, shapes: dict, model: GPT,
         missing.append(f"lm_head.weight {(V, C)} (config.json has tie_word_embeddings false)")
     elif head_shape is not None and head_shape != (V, C):
         misshaped.append(f"lm_head.weight: expected {(V, C)}, got {head_shape}")
-    problems = [f"{label}: {', '.join(items)}" for label, items in
+    problems = [f"{label}: {short_list(items)}" for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
                 if items]
     if problems:
