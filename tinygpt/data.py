@@ -14,8 +14,9 @@ Randomness always comes from an explicit seed or np.random.Generator.
 """
 from __future__ import annotations
 
-import json
+import shutil
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -24,9 +25,12 @@ import numpy as np
 
 from tinygpt.fileio import atomic_write, write_json_atomic
 from tinygpt.tokenizer import CharTokenizer, get_tokenizer
+from tinygpt.validate import check_number, read_json_object, require_keys
 
 TOKEN_DTYPE = np.uint16   # on disk: GPT-2's 50,257 ids fit in 16 bits, half the size of int32
 CHUNK_BYTES = 1 << 20     # prepare reads and tokenizes about 1 MB of text at a time
+META_FILE = "meta.json"
+META_DTYPES = ("uint16", "uint32")  # what a .bin of token ids may hold (prepare writes uint16)
 
 
 class TokenizerLike(Protocol):
@@ -47,8 +51,7 @@ def _check_positive(**values: int) -> None:
 
 
 def _check_val_fraction(val_fraction: float) -> None:
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_number("val_fraction", val_fraction, 0.0, 1.0, hi_open=True)
 
 
 # --- reading text ------------------------------------------------------------------------------
@@ -233,14 +236,29 @@ def prepare(input_path: Path | str, out_dir: Path | str, tokenizer: TokenizerLik
     if tok.n_vocab - 1 > np.iinfo(TOKEN_DTYPE).max:
         raise ValueError(f"tokenizer {tok.name!r} has {tok.n_vocab} ids, more than uint16 holds "
                          f"({np.iinfo(TOKEN_DTYPE).max + 1})")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_prepared(tok, input_path, out_dir, val_fraction, progress, chunk_bytes)
+    except BaseException:
+        if created:                             # a failed prepare leaves no folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
+
+def _write_prepared(tok: TokenizerLike, input_path: Path, out_dir: Path, val_fraction: float,
+                    progress: bool, chunk_bytes: int) -> dict:
+    """The three files of `prepare`, as a set: the old meta.json goes first and the new one is
+    written last, holding the size and CRC32 of each .bin, so a prepare that stops half-way
+    leaves no meta.json, and a .bin from another run never passes for this one."""
     from tqdm import tqdm  # the only progress output of the library, on stderr
 
+    (out_dir / META_FILE).unlink(missing_ok=True)
     all_path = out_dir / "all.bin.tmp"
     # delay: runs shorter than a second (and early errors) show no bar at all
     bar = tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, delay=1.0,
                desc=f"tokenizing {input_path.name}", disable=not progress, file=sys.stderr)
+    files = {}
     try:
         with open(all_path, "wb") as f, bar:
             for text, n_bytes in iter_text_chunks(input_path, chunk_bytes):
@@ -252,7 +270,8 @@ def prepare(input_path: Path | str, out_dir: Path | str, tokenizer: TokenizerLik
         train, val = train_val_split(ids, val_fraction)
         for name, part in (("train.bin", train), ("val.bin", val)):
             with atomic_write(out_dir / name) as f:
-                _copy_tokens(part, f)
+                crc = _copy_tokens(part, f)
+            files[name] = {"bytes": int(part.nbytes), "crc32": crc}
         n_train, n_val = len(train), len(val)
         del ids, train, val  # close the memmap before deleting its file
     finally:
@@ -260,25 +279,80 @@ def prepare(input_path: Path | str, out_dir: Path | str, tokenizer: TokenizerLik
 
     meta = {"tokenizer": tok.name, "vocab_size": tok.n_vocab, "dtype": np.dtype(TOKEN_DTYPE).name,
             "train_tokens": n_train, "val_tokens": n_val, "val_fraction": val_fraction,
-            "eot_id": getattr(tok, "eot_id", None), "source": input_path.name}
+            "eot_id": getattr(tok, "eot_id", None), "source": input_path.name, "files": files}
     if isinstance(tok, CharTokenizer):
         meta["chars"] = tok.chars  # without them the ids could not be decoded
-    write_json_atomic(out_dir / "meta.json", meta)
+    write_json_atomic(out_dir / META_FILE, meta)
     return meta
 
 
-def _copy_tokens(ids: np.ndarray, f, block: int = 1 << 22) -> None:
+def _copy_tokens(ids: np.ndarray, f, block: int = 1 << 22) -> int:
+    """Write `ids` to `f` a block at a time; returns the CRC32 of the bytes written."""
+    crc = 0
     for start in range(0, len(ids), block):
-        np.asarray(ids[start:start + block]).tofile(f)
+        part = np.ascontiguousarray(ids[start:start + block])
+        part.tofile(f)
+        crc = zlib.crc32(part.view(np.uint8), crc)
+    return crc
+
+
+def _file_crc32(path: Path, block: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def read_meta(out_dir: Path | str) -> dict:
-    """The meta.json that `prepare` wrote into `out_dir`."""
-    path = Path(out_dir) / "meta.json"
+    """The meta.json that `prepare` wrote into `out_dir`, checked: the keys readers use, a known
+    dtype and tokenizer, and chars for a character vocabulary; errors name the file."""
+    path = Path(out_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `tinygpt prepare INPUT.txt {out_dir}` "
                                 "first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = read_json_object(path)
+    require_keys(meta, ("tokenizer", "dtype", "train_tokens", "val_tokens"), path)
+    if meta["dtype"] not in META_DTYPES:
+        raise ValueError(f"{path}: unknown dtype {_short(meta['dtype'])} (expected "
+                         f"{' or '.join(META_DTYPES)})")
+    if meta["tokenizer"] not in ("gpt2", "char"):
+        raise ValueError(f"{path}: unknown tokenizer {_short(meta['tokenizer'])} (expected gpt2 "
+                         "or char)")
+    if meta["tokenizer"] == "char":
+        require_keys(meta, ("chars",), path)
+    for key in ("train_tokens", "val_tokens"):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise ValueError(f"{path}: {key} must be a non-negative integer, got "
+                             f"{_short(meta[key])}")
+    if "files" in meta and not isinstance(meta["files"], dict):
+        raise ValueError(f"{path}: files must be an object of sizes and CRC32s")
+    return meta
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_prepared_file(out_dir: Path | str, split: str, meta: dict) -> Path:
+    """`out_dir/<split>.bin`, checked against meta.json: its size is the token count times the
+    dtype's, and (for folders prepared since meta.json records them) its CRC32 matches."""
+    path = Path(out_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"token file not found: {path}")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    want, size = meta[f"{split}_tokens"] * itemsize, path.stat().st_size
+    if size != want:
+        raise ValueError(f"{path}: {size} bytes, but {Path(out_dir) / META_FILE} says "
+                         f"{meta[f'{split}_tokens']} {meta['dtype']} tokens ({want} bytes); "
+                         "prepare the folder again")
+    recorded = meta.get("files", {}).get(path.name)
+    if isinstance(recorded, dict) and recorded.get("crc32") != _file_crc32(path):
+        raise ValueError(f"{path}: contents do not match the CRC32 in "
+                         f"{Path(out_dir) / META_FILE} (from another prepare?); prepare the "
+                         "folder again")
+    return path
 
 
 class MemmapDataset:
@@ -305,7 +379,7 @@ class MemmapDataset:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         meta = read_meta(out_dir)
-        return cls(Path(out_dir) / f"{split}.bin", max_length, np.dtype(meta["dtype"]))
+        return cls(check_prepared_file(out_dir, split, meta), max_length, np.dtype(meta["dtype"]))
 
     def __len__(self) -> int:
         return len(self.ids) - self.max_length
@@ -358,8 +432,8 @@ def pretrain_data(path: str | Path, context_length: int, batch_size: int, seed: 
     path, T, B = Path(path), context_length, batch_size
     if path.is_dir():
         meta = read_meta(path)
-        tok = (CharTokenizer(meta["chars"]) if meta["tokenizer"] == "char"
-               else get_tokenizer(meta["tokenizer"]))
+        tok = (CharTokenizer.from_list(meta["chars"], path / META_FILE)
+               if meta["tokenizer"] == "char" else get_tokenizer(meta["tokenizer"]))
         train_ds, val_ds = (MemmapDataset.from_prepared(path, s, T) for s in ("train", "val"))
         return SampledBatches(train_ds, B, seed), SampledBatches(val_ds, B, seed + 1), tok
     text = read_text(path)
