@@ -32,6 +32,7 @@ import numpy as np
 
 from tinygpt.fileio import atomic_write, write_json_atomic
 from tinygpt.safetensors import load_safetensors, save_safetensors
+from tinygpt.validate import read_json_object, short_list
 
 FORMAT = "tinygpt-checkpoint-1"
 RECORD = "checkpoint.json"
@@ -53,8 +54,9 @@ def save_checkpoint(out_dir: Path | str, arrays: dict[str, np.ndarray], record: 
     try:
         save_safetensors(arrays, out_dir / name)
         crcs = {key: _crc(a) for key, a in arrays.items()}
-        write_json_atomic(out_dir / RECORD, {"format": FORMAT, **record, "tensors": name,
-                                             "crc32": crcs})
+        full = {"format": FORMAT, **record, "tensors": name, "crc32": crcs}
+        full["record_crc32"] = record_checksum(full)
+        write_json_atomic(out_dir / RECORD, full)
     except OSError as e:
         if not previous or previous.get("tensors") != name:
             (out_dir / name).unlink(missing_ok=True)          # never leave an orphan behind
@@ -69,19 +71,34 @@ def save_checkpoint(out_dir: Path | str, arrays: dict[str, np.ndarray], record: 
     return out_dir / RECORD
 
 
+def record_checksum(record: dict) -> int:
+    """CRC32 of the record's canonical JSON (sorted keys, no spaces), its own checksum left out:
+    a bit flip in checkpoint.json, a step or an RNG state, is caught as the tensors' are."""
+    body = {k: v for k, v in record.items() if k != "record_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+
 def read_record(out_dir: Path | str) -> dict:
-    """The JSON record of the checkpoint in `out_dir`, with a clear error if it is unreadable."""
+    """The JSON record of the checkpoint in `out_dir`, with a clear error if it is unreadable,
+    incomplete or fails its checksum."""
     path = Path(out_dir) / RECORD
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"corrupted checkpoint {path}: not valid JSON ({e})") from None
-    missing = [k for k in ("format", "step", "tensors", "crc32") if k not in record]
+        record = read_json_object(path)
+    except ValueError as e:
+        raise ValueError(f"corrupted checkpoint {e}") from None
+    missing = [k for k in ("format", "step", "tensors", "crc32", "record_crc32")
+               if k not in record]
     if missing or record.get("format") != FORMAT:
         raise ValueError(f"corrupted checkpoint {path}: not a {FORMAT} record "
-                         f"(missing {', '.join(missing) or 'format tag'})")
+                         f"(missing {short_list(missing) or 'format tag'})")
+    if record["record_crc32"] != record_checksum(record):
+        raise ValueError(f"corrupted checkpoint {path}: the record fails its checksum (edited or "
+                         "damaged)")
+    if not isinstance(record["tensors"], str) or not isinstance(record["crc32"], dict):
+        raise ValueError(f"corrupted checkpoint {path}: tensors must name a file and crc32 map "
+                         "names to checksums")
     return record
 
 
@@ -125,7 +142,20 @@ def prepare_run_dir(out_dir: str | None, resume: bool, is_main: bool = True) -> 
     if not resume and (out / "checkpoint.json").exists():
         raise ValueError(f"{out} already holds a checkpoint: resume it (--resume), or choose "
                          "another output directory")
+    if resume:
+        _remove_leftovers(out)
     return out
+
+
+def _remove_leftovers(out: Path) -> None:
+    """What a killed run can leave: `atomic_write`'s hidden temp files (.log.csv.*.tmp, ...) and a
+    tensor file written before its record was committed."""
+    current = read_record(out)["tensors"] if (out / RECORD).is_file() else None
+    for path in out.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+    for path in out.glob("ckpt-*.safetensors"):
+        if current is not None and path.name != current:
+            path.unlink(missing_ok=True)
 
 
 def _os_error(e: OSError, msg: str) -> OSError:

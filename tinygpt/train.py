@@ -38,9 +38,10 @@ import numpy as np
 
 from tinygpt import runtime
 from tinygpt.autograd import Tensor, no_grad
-from tinygpt.checkpoint import (load_checkpoint, prepare_run_dir, read_record, save_checkpoint,
-                                write_log)
+from tinygpt.checkpoint import (RECORD, load_checkpoint, prepare_run_dir, read_record,
+                                save_checkpoint, write_log)
 from tinygpt.optim import SGD, AdamW, clip_coef, global_grad_norm, lr_at
+from tinygpt.validate import check_fields, check_number, require_keys
 
 Batch = Any                                  # (x, y) arrays, or any structure the loss_fn takes
 LossFn = Callable[..., Tensor]               # loss_fn(model, *batch) -> scalar Tensor
@@ -75,19 +76,23 @@ class TrainConfig:
     out_dir: str | None = None       # log.csv, loss.png, checkpoints; None: write nothing
 
     def __post_init__(self):
+        check_fields(self)                           # "4" from a JSON record, named
         for name in ("context_length", "batch_size", "epochs", "accum", "eval_freq",
                      "eval_iter"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "max_seconds", "warmup", "ckpt_freq", "sample_tokens", "lr",
-                     "weight_decay", "grad_clip"):
+        for name in ("max_steps", "warmup", "ckpt_freq", "sample_tokens", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_seconds", "lr", "weight_decay", "grad_clip"):
+            check_number(f"TrainConfig.{name}", getattr(self, name), 0.0)
+        for name in ("beta1", "beta2"):
+            check_number(f"TrainConfig.{name}", getattr(self, name), 0.0, 1.0, hi_open=True)
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', got "
                              f"{self.optimizer!r}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"TrainConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.min_lr is not None:
+            check_number("TrainConfig.min_lr", self.min_lr, 0.0, self.lr)
 
     def lr_at(self, step: int, max_steps: int) -> float:
         min_lr = self.lr if self.min_lr is None else self.min_lr
@@ -98,6 +103,10 @@ class TrainConfig:
 # a cosine schedule, so only an unchanged run resumes bit-identically)
 RESUME_MAY_DIFFER = ("max_steps", "max_seconds", "epochs", "eval_freq", "eval_iter", "ckpt_freq",
                      "start_context", "sample_tokens", "out_dir")
+
+
+# what `_resume` reads from checkpoint.json besides what `read_record` checks
+RESUME_KEYS = ("tokens_seen", "cursor", "history", "optimizer", "model_config", "train_config")
 
 
 class TrainingDiverged(RuntimeError):
@@ -290,6 +299,12 @@ def train(model, train_data: Iterable[Batch], val_data: Iterable[Batch] | None,
     Raises TrainingDiverged on a NaN/inf loss or gradient, before that step's update.
     """
     runtime.keep_freed_memory()          # reuse activation memory between steps: see runtime.py
+    if is_main and tokenizer is not None and cfg.sample_tokens:   # before anything is written
+        try:
+            tokenizer.encode(cfg.start_context)
+        except ValueError as e:
+            raise ValueError(f"start_context {cfg.start_context[:40]!r} cannot be encoded by the "
+                             f"data's tokenizer: {e}") from None
     out = prepare_run_dir(cfg.out_dir, resume, is_main)
     optimizer = make_optimizer(model, cfg)
     max_steps = _total_steps(train_data, cfg)
@@ -348,6 +363,7 @@ def _resume(model, optimizer, result: TrainResult, cfg: TrainConfig, out: Path,
             model_config: dict) -> _Cursor:
     """Load the checkpoint in `out` into the model, optimizer and result; return its cursor."""
     record = read_record(out)
+    require_keys(record, RESUME_KEYS, out / RECORD)
     diff = _config_diff(record.get("model_config", {}), model_config)
     if diff:
         raise ValueError(f"checkpoint in {out} is for another model config ({'; '.join(diff)})")
@@ -362,14 +378,18 @@ def _resume(model, optimizer, result: TrainResult, cfg: TrainConfig, out: Path,
                          f"({len(changed)} differ, e.g. {changed[0] if changed else 'order'}); "
                          "freeze the same ones")
     arrays, record = load_checkpoint(out)
-    model.load_state_dict({k[6:]: a for k, a in arrays.items() if k.startswith("model.")})
-    optimizer.load_state(record["optimizer"],
-                         {k[6:]: a for k, a in arrays.items() if k.startswith("optim.")})
-    if record.get("model_rng") is not None:
-        model.rng.bit_generator.state = record["model_rng"]
-    result.step, result.tokens_seen = record["step"], record["tokens_seen"]
-    result.evals = record["history"]
-    return _Cursor(**record["cursor"])
+    try:
+        model.load_state_dict({k[6:]: a for k, a in arrays.items() if k.startswith("model.")})
+        optimizer.load_state(record["optimizer"],
+                             {k[6:]: a for k, a in arrays.items() if k.startswith("optim.")})
+        if record.get("model_rng") is not None:
+            model.rng.bit_generator.state = record["model_rng"]
+        result.step, result.tokens_seen = int(record["step"]), int(record["tokens_seen"])
+        result.evals = list(record["history"])
+        return _Cursor(**record["cursor"])
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        what = f"missing {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"corrupted checkpoint {out / RECORD}: {what}") from None
 
 
 class _Run:
