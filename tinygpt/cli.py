@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -105,28 +106,35 @@ def _run_generate(args) -> int:
     import numpy as np
 
     from tinygpt.generate import TextStream, stream
-    if args.temperature < 0:
-        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    from tinygpt.validate import check_number, check_text
+    check_number("--temperature", args.temperature, 0.0)
+    if args.top_p is not None:
+        check_number("--top-p", args.top_p, 0.0, 1.0, lo_open=True)
     if args.top_k is not None and args.top_k <= 0:
         raise CLIError(f"--top-k must be a positive integer, got {args.top_k}")
     if args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.seed is not None and args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if not args.prompt:
         raise CLIError("--prompt is empty")
+    check_text("--prompt", args.prompt)
     start = time.perf_counter()
     model, tok = _generate_model(args)
     loaded = time.perf_counter()
+    vocab = model.config.vocab_size
+    if args.eos is not None and not 0 <= args.eos < vocab:
+        raise CLIError(f"--eos {args.eos} is not a token id of this model (0..{vocab - 1})")
     try:
         ids = tok.encode(args.prompt)
     except ValueError as e:                      # a character the model's vocabulary lacks
         raise CLIError(f"--prompt: {e}") from None
+    tokens = stream(model, np.array([ids]), args.max_new_tokens, args.temperature, args.top_k,
+                    args.top_p, args.eos, args.seed, use_cache=not args.no_cache)
     print(args.prompt, end="", flush=True)
     text = TextStream(tok)
     n = 0
-    for token in stream(model, np.array([ids]), args.max_new_tokens, args.temperature, args.top_k,
-                        args.top_p, args.eos, args.seed, use_cache=not args.no_cache):
+    for token in tokens:
         n += 1
         if int(token[0]) == args.eos:                  # stop without printing <|endoftext|>
             break
@@ -198,8 +206,8 @@ def _add_pretrain(sub) -> None:
                    "GPTConfig fields or a Hugging Face GPT-2 config.json; vocab and block size "
                    "come from the data (default gpt2)")
     p.add_argument("--dropout", type=float, default=None, help="model dropout (default 0.1)")
-    p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2",
-                   help="for a text file (default gpt2)")
+    p.add_argument("--tokenizer", choices=("gpt2", "char"), default=None,
+                   help="for a text file (default gpt2; on --resume, the run's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
                    "checkpoint; flags not given are taken from it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -235,38 +243,76 @@ def _run_pretrain(args) -> int:
         raise CLIError(str(e)) from None
 
 
+def _resumed_run(args, given: dict):
+    """(train config, model config, data, tokenizer) of the run in --out, with the flags given;
+    --data and --tokenizer must be what the run was trained on (its recorded fingerprint)."""
+    from dataclasses import replace
+
+    from tinygpt import GPTConfig, distributed
+    from tinygpt.checkpoint import RECORD, read_record
+    from tinygpt.train import TrainConfig
+    from tinygpt.validate import require_keys
+    path = f"{given['out_dir']}/{RECORD}"
+    record = read_record(given["out_dir"])
+    require_keys(record, ("train_config", "model_config"), path)
+    try:
+        cfg = replace(TrainConfig(**record["train_config"]), **given)
+        model_cfg = GPTConfig(**record["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{path}: {e}") from None
+    extra = record.get("extra") if isinstance(record.get("extra"), dict) else {}
+    tokenizer = extra.get("tokenizer", args.tokenizer or "gpt2")
+    if args.tokenizer is not None and args.tokenizer != tokenizer:
+        raise CLIError(f"--tokenizer {args.tokenizer}: the run in {given['out_dir']} was trained "
+                       f"with the {tokenizer} tokenizer")
+    data = args.data or extra.get("data")
+    recorded = extra.get("data_fingerprint")
+    if data is not None and isinstance(recorded, dict) and Path(data).exists() \
+            and _digests(distributed.fingerprint(data)) != _digests(recorded):
+        what = "--data" if args.data else f"--data (the run's {data})"
+        raise CLIError(f"{what} is not the data the run in {given['out_dir']} was trained on: "
+                       "its contents differ (SHA-256)")
+    return cfg, model_cfg, data, tokenizer
+
+
+def _digests(fingerprint: dict) -> list:
+    """The SHA-256s of a data fingerprint, not its file names: a moved copy is the same data."""
+    files = fingerprint.get("files")
+    return sorted(map(str, files.values())) if isinstance(files, dict) else []
+
+
 def _pretrain(args, ctx) -> int:
     import json
     import time
     from dataclasses import asdict, fields, replace
 
     from tinygpt import GPT, GPTConfig, distributed
-    from tinygpt.checkpoint import read_record
     from tinygpt.data import pretrain_data
     from tinygpt.train import TrainConfig, TrainingDiverged, train
     from tinygpt.weights import config_from_json, save_pretrained
+    from tinygpt.validate import check_number
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if args.dropout is not None:
+        check_number("--dropout", args.dropout, 0.0, 1.0, hi_open=True)
     if args.resume:
         if "out_dir" not in given:
             raise CLIError("--resume needs --out DIR, the run to continue")
-        record = read_record(given["out_dir"])
-        cfg = replace(TrainConfig(**record["train_config"]), **given)
-        model_cfg = GPTConfig(**record["model_config"])
-        data = args.data or record.get("extra", {}).get("data")
-        tokenizer = record.get("extra", {}).get("tokenizer", args.tokenizer)
+        cfg, model_cfg, data, tokenizer = _resumed_run(args, given)
     else:
         cfg = TrainConfig(**{"out_dir": "runs/pretrain", **given})
-        model_cfg, data, tokenizer = None, args.data, args.tokenizer
+        model_cfg, data, tokenizer = None, args.data, args.tokenizer or "gpt2"
     if data is None:
         data = _pretrain_text()
     train_data, val_data, tok = pretrain_data(data, cfg.context_length, cfg.batch_size, cfg.seed,
                                               tokenizer)
-    if model_cfg is None or args.model is not None or args.dropout is not None:
+    if model_cfg is None or args.model is not None:
         name = args.model or "gpt2"           # on --resume, a different model is an error later
         base = config_from_json(name) if name.endswith(".json") else GPTConfig.preset(name)
         dropout = args.dropout if args.dropout is not None else 0.1
         model_cfg = replace(base, vocab_size=tok.n_vocab, block_size=cfg.context_length,
                             dropout=dropout)
+    elif args.dropout is not None:            # on --resume: compared with the run's, and named
+        model_cfg = replace(model_cfg, dropout=args.dropout)
     ctx.check_agree(train_config=asdict(cfg), model_config=asdict(model_cfg),
                     data=distributed.fingerprint(data))
     model = GPT(model_cfg, seed=cfg.seed)
@@ -279,7 +325,9 @@ def _pretrain(args, ctx) -> int:
     try:
         result = train(model, ctx.shard(train_data), ctx.shard(val_data), cfg, tokenizer=tok,
                        log=print, progress=not args.quiet, resume=args.resume,
-                       extra={"data": str(data), "tokenizer": tokenizer}, **ctx.train_kwargs())
+                       extra={"data": str(data), "tokenizer": tokenizer,
+                              "data_fingerprint": distributed.fingerprint(data)},
+                       **ctx.train_kwargs())
     except TrainingDiverged as e:
         raise CLIError(str(e)) from None
     if not ctx.is_main:
@@ -341,6 +389,8 @@ def _run_gradcheck(args) -> int:
 
     from tinygpt.gradcheck import GradcheckError, gradcheck
 
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
     cases, failures = _gradcheck_cases(np.random.default_rng(args.seed)), 0
     for name, f, inputs in cases:
         try:
@@ -399,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tinygpt: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"tinygpt {args.command}: error: out of memory (is a size in the config or the "
+              "flags far too large?)", file=sys.stderr)
+        return 2
     except (CLIError, ValueError, TypeError, OSError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = f"missing {e.args[0]!r}" if isinstance(e, KeyError) and e.args else e
         print(f"tinygpt {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -20,23 +20,36 @@ import numpy as np
 from tinygpt.autograd import no_grad
 from tinygpt.model import GPT, check_token_ids
 from tinygpt.nn import KVCache
+from tinygpt.validate import check_number
+
+
+# below this, logits / temperature can overflow to inf (and inf - inf to NaN): such a temperature
+# is greedy in all but exact ties, so it is treated as 0
+MIN_TEMPERATURE = 1e-6
 
 
 def _check_args(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None) -> np.ndarray:
+                top_k: int | None, top_p: float | None, eos_id: int | None = None,
+                seed: int | None = None) -> tuple[np.ndarray, float]:
+    """(prompt ids as int64, the temperature to sample with), or a ValueError naming the
+    argument."""
+    vocab = model.config.vocab_size
     try:
-        idx = check_token_ids(idx, model.config.vocab_size, "prompt ids")
+        idx = check_token_ids(idx, vocab, "prompt ids")
     except (TypeError, ValueError) as e:
         raise type(e)(f"generate: {e}") from None
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    check_number("generate: temperature", temperature, 0.0)
     if top_k is not None and top_k <= 0:
         raise ValueError(f"generate: top_k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    return idx.astype(np.int64)
+    if top_p is not None:
+        check_number("generate: top_p", top_p, 0.0, 1.0, lo_open=True)
+    if eos_id is not None and not 0 <= eos_id < vocab:
+        raise ValueError(f"generate: eos_id {eos_id} is not a token id (0..{vocab - 1})")
+    if seed is not None and seed < 0:
+        raise ValueError(f"generate: seed must be >= 0, got {seed}")
+    return idx.astype(np.int64), 0.0 if temperature < MIN_TEMPERATURE else float(temperature)
 
 
 def next_token_logits(model: GPT, seq: np.ndarray, cache: KVCache | None) -> tuple:
@@ -87,7 +100,8 @@ def stream(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: float 
     early keep producing `eos_id`). `seed` makes sampling reproducible without touching global
     random state. Arguments are checked here, before the first token is asked for.
     """
-    seq = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p)
+    seq, temperature = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                   seed)
     return _stream(model, seq, max_new_tokens, temperature, top_k, top_p, eos_id,
                    np.random.default_rng(seed), use_cache)
 
@@ -122,7 +136,7 @@ def generate(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: floa
 
     `callback(token_ids)` is called with each new column (B,) as soon as it exists (streaming).
     """
-    prompt = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p)
+    prompt, _ = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     new = []
     for token in stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
                         use_cache):
