@@ -19,7 +19,7 @@ epochs, 15.8 minutes on an M3 MacBook Air CPU.
 
 How long: `--minutes` (default 5) of training, plus loading (~2 s), the held-out losses (~15 s
 each on 2 cores) and the responses (about 1-3 s each). Other flags go to `finetune-instruct`
-(`python -m tinygpt.commands.instruct finetune-instruct --help`), e.g. `--mask-prompt`.
+(`tinygpt finetune-instruct --help`), e.g. `--mask-prompt`.
 All the work is `tinygpt finetune-instruct`; this script only chooses its settings.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinygpt.commands.instruct import main as finetune_instruct
+from tinygpt.cli import main as tinygpt_cli
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMOLLM2 = SHARED / "fixtures" / "smollm2-135m-instruct" / "model.gguf"
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--lora-rank", str(args.lora_rank)]
         what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "all weights"
         print(f"demo: {model}, {what}, lr {lr:g}, {args.minutes:g} min", flush=True)
-    return finetune_instruct(["finetune-instruct", *cmd, "--data", args.data, "--out", args.out,
+    return tinygpt_cli(["finetune-instruct", *cmd, "--data", args.data, "--out", args.out,
                               *rest])
 
 

@@ -180,7 +180,7 @@ def test_chat_bad_flags(tiny_dir, flag, value, message):
 
 def _chat_process(model_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "tinygpt.commands.serve", "chat", "--model",
+    return subprocess.Popen([sys.executable, "-m", "tinygpt", "chat", "--model",
                              model_dir, "--max-new-tokens", "5"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=ROOT)

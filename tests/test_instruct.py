@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tinygpt import GPT, GPTConfig
-from tinygpt.commands.instruct import main
+from tinygpt.cli import main
 from tinygpt.finetune.instruct import (InstructionDataset, collate, end_token_id,
                                        generate_responses, read_instruction_data, respond,
                                        save_responses, split_instruction_data)

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tinygpt.commands.serve import main
+from tinygpt.cli import main
 from tinygpt.judge import (JudgeError, endpoint, judge_prompt, query_with_retries,
                            score_responses)
 

@@ -11,7 +11,7 @@ import pytest
 
 import tinygpt.checkpoint
 import tinygpt.plots
-from tinygpt import no_grad
+from tinygpt import cli, no_grad
 from tinygpt.checkpoint import plot_losses, write_log
 from tinygpt.commands import plots as commands
 from tinygpt.plots import attention_maps, confusion_matrix, record_attention, token_spans
@@ -118,13 +118,13 @@ def test_recording_is_the_kernels_own_array_and_stops_after_the_block():
 @needs_mpl
 def test_attention_command_on_the_gpt2_fixture(shared, tmp_path, capsys):
     out = tmp_path / "attn.png"
-    assert commands.main(["attention", "--model", str(shared / "fixtures/gpt2-tiny-hf"),
+    assert cli.main(["attention", "--model", str(shared / "fixtures/gpt2-tiny-hf"),
                           "--prompt", "Every effort moves you", "--all-layers",
                           "--out", str(out)]) == 0
     # 2 layers x 4 heads, 4 tokens: panels of 1.44 in, figure (4 * 1.44 + 0.8) x (2 * 1.44 + 0.8)
     read_png(out, (368, 656))
     assert "2 layers x 4 heads over 4 tokens" in capsys.readouterr().out
-    assert commands.main(["attention", "--model", str(shared / "fixtures/gpt2-tiny-hf"),
+    assert cli.main(["attention", "--model", str(shared / "fixtures/gpt2-tiny-hf"),
                           "--prompt", "hi", "--layer", "5", "--out", str(out)]) == 2
     assert "layer 5 is not in this model's 0..1" in capsys.readouterr().err
 
@@ -142,7 +142,7 @@ def test_attention_of_one_llama_layer_wraps_its_heads(tmp_path):
 
 def test_tokenize_prints_ids_and_byte_spans(capsys, monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
-    assert commands.main(["tokenize", "Hello, I am"]) == 0
+    assert cli.main(["tokenize", "Hello, I am"]) == 0
     out = capsys.readouterr().out
     assert "\x1b[" not in out                            # captured stdout is not a terminal
     lines = out.splitlines()
@@ -181,33 +181,33 @@ def test_tokenize_with_a_model_file_and_errors(shared, capsys):
     gguf = shared / "fixtures/smollm2-135m-instruct/model.gguf"
     if not gguf.is_file():
         pytest.skip("SmolLM2 fixture missing")
-    assert commands.main(["tokenize", "Hello world", "--tokenizer", str(gguf)]) == 0
+    assert cli.main(["tokenize", "Hello world", "--tokenizer", str(gguf)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "Hello|·world"
-    assert commands.main(["tokenize", "x", "--tokenizer", "no-such-thing"]) == 2
+    assert cli.main(["tokenize", "x", "--tokenizer", "no-such-thing"]) == 2
     assert "not gpt2, char, or an existing file" in capsys.readouterr().err
 
 
 @needs_mpl
 def test_tokenize_png(tmp_path):
     out = tmp_path / "tokens.png"
-    assert commands.main(["tokenize", "Hello, I am", "--png", str(out)]) == 0
+    assert cli.main(["tokenize", "Hello, I am", "--png", str(out)]) == 0
     read_png(out, (117, 300))          # one line of 17 cells: the 3 in minimum width, 1.17 in tall
 
 
 @needs_mpl
 def test_plot_lr_from_flags_and_from_a_config(tmp_path, capsys):
     out = tmp_path / "lr.png"
-    assert commands.main(["plot-lr", "--lr", "6e-4", "--warmup", "20", "--min-lr", "6e-5",
+    assert cli.main(["plot-lr", "--lr", "6e-4", "--warmup", "20", "--min-lr", "6e-5",
                           "--max-steps", "200", "--out", str(out)]) == 0
     read_png(out, (350, 600))
     config = tmp_path / "train.json"
     config.write_text('{"lr": 1e-3, "warmup": 5, "max_steps": 50, "min_lr": 0.0}')
-    assert commands.main(["plot-lr", "--config", str(config), "--out", str(out)]) == 0
+    assert cli.main(["plot-lr", "--config", str(config), "--out", str(out)]) == 0
     assert "lr 0.001, warmup 5 steps, cosine to 0 at step 50" in capsys.readouterr().out
     config.write_text('{"lr": 1e-3, "learning_rate": 2}')
-    assert commands.main(["plot-lr", "--config", str(config), "--out", str(out)]) == 2
+    assert cli.main(["plot-lr", "--config", str(config), "--out", str(out)]) == 2
     assert "not TrainConfig fields: learning_rate" in capsys.readouterr().err
-    assert commands.main(["plot-lr", "--lr", "1e-3", "--out", str(out)]) == 2
+    assert cli.main(["plot-lr", "--lr", "1e-3", "--out", str(out)]) == 2
 
 
 def _rows(n: int, **extra_columns) -> list[dict]:
@@ -278,5 +278,5 @@ def test_without_matplotlib_run_curves_are_skipped_silently(tmp_path, monkeypatc
     with pytest.raises(ImportError, match=r"pip install 'tinygpt\[plot\]'"):
         tinygpt.plots.lr_schedule_figure(TrainConfig(max_steps=10))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert commands.main(["plot-lr", "--lr", "1e-3", "--max-steps", "9",
+    assert cli.main(["plot-lr", "--lr", "1e-3", "--max-steps", "9",
                           "--out", str(tmp_path / "x.png")]) == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.chat_fakes import ScriptedModel, save_tiny_gpt, says, tiny_gpt
-from tinygpt.commands.serve import main
+from tinygpt.cli import main
 from tinygpt.serve import make_server
 from tinygpt.tokenizer import GPT2Tokenizer
 
@@ -236,7 +236,7 @@ def test_serve_command_then_evaluate(tmp_path, capsys):
     random model answers prose: nothing parses), then Ctrl-C stops the server cleanly."""
     model_dir = save_tiny_gpt(tmp_path / "tiny")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "tinygpt.commands.serve", "serve", "--model",
+    p = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--model",
                           model_dir, "--port", "0", "--max-tokens", "4"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -179,17 +179,6 @@ def _save(args, model, tokenizer, shown: list[dict], before: list[str], after: l
     write_json_atomic(out / "dpo-responses.json",
                       [{**e, "response_before": b, "response_after": a}
                        for e, b, a in zip(shown, before, after)])
-    if args.lora_rank:
-        from tinygpt.finetune.lora import save_adapter
-        save_adapter(model, out, base_name=str(args.model))
-        print(f"adapters saved in {out}")
-        return
-    from tinygpt.llama import Llama
-    if isinstance(model, Llama):
-        from tinygpt.llama_weights import save_llama_hf
-        save_llama_hf(model, out)
-    else:
-        from tinygpt.weights import save_pretrained
-        save_pretrained(model, out, tokenizer=tokenizer)
-    print(f"model saved in {out}")
+    from tinygpt.commands import save_finetuned
+    print(save_finetuned(model, out, tokenizer, args.lora_rank, str(args.model)))
 

@@ -221,33 +221,6 @@ def run(args) -> int:
 
 
 def _save_model(args, model, tokenizer, targets) -> None:
-    out = Path(args.out)
-    if args.lora_rank:
-        from tinygpt.finetune.lora import save_adapter
-        save_adapter(model, out, targets=targets, base_name=str(args.model))
-        print(f"LoRA adapters saved in {out}")
-        return
-    from tinygpt.llama import Llama
-    if isinstance(model, Llama):
-        from tinygpt.llama_weights import save_llama_hf
-        save_llama_hf(model, out)
-    else:
-        from tinygpt.weights import save_pretrained
-        save_pretrained(model, out, tokenizer=tokenizer)
-    print(f"model saved in {out}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`finetune-instruct` on its own (demos, tests): the same one-line errors as `tinygpt`'s."""
-    parser = argparse.ArgumentParser(prog="tinygpt")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, TypeError, OSError, KeyError) as e:
-        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    from tinygpt.commands import save_finetuned
+    print(save_finetuned(model, args.out, tokenizer, args.lora_rank, str(args.model),
+                         targets=targets))

@@ -1,10 +1,10 @@
 """`tinygpt attention`, `tinygpt tokenize` and `tinygpt plot-lr`: the command-line side of
 plots.py (flags, loading, printing). User errors are raised as ValueError.
 
-    python -m tinygpt.commands.plots attention --model ../shared/fixtures/gpt2-tiny-hf \
+    tinygpt attention --model ../shared/fixtures/gpt2-tiny-hf \
         --prompt "Every effort moves you" --out attn.png
-    python -m tinygpt.commands.plots tokenize "Hello, I am" --tokenizer gpt2
-    python -m tinygpt.commands.plots plot-lr --lr 6e-4 --warmup 20 --max-steps 200 --out lr.png
+    tinygpt tokenize "Hello, I am" --tokenizer gpt2
+    tinygpt plot-lr --lr 6e-4 --warmup 20 --max-steps 200 --out lr.png
 """
 from __future__ import annotations
 
@@ -213,19 +213,3 @@ def run_plot_lr(args) -> int:
     print(f"{args.out}: lr {cfg.lr:g}, warmup {cfg.warmup} steps, cosine to {min_lr:g} "
           f"at step {cfg.max_steps}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """These three subcommands alone, with the CLI's error convention (for tests and scripts)."""
-    parser = argparse.ArgumentParser(prog="tinygpt")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except (ValueError, TypeError, OSError, KeyError) as e:
-        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,10 @@
 """`tinygpt evaluate`, `tinygpt chat` and `tinygpt serve`: the command-line side of judge.py,
 chat.py and serve.py (flags, model loading, printing). User errors are raised as ValueError.
 
-    python -m tinygpt.commands.serve chat \
+    tinygpt chat \
         --model ../shared/fixtures/smollm2-135m-instruct/model.gguf
-    python -m tinygpt.commands.serve serve --model MODEL --port 8000 &
-    python -m tinygpt.commands.serve evaluate --responses FILE --api openai \
+    tinygpt serve --model MODEL --port 8000 &
+    tinygpt evaluate --responses FILE --api openai \
         --judge http://127.0.0.1:8000
 """
 from __future__ import annotations
@@ -275,21 +275,3 @@ def run_serve(args, ready=None) -> int:
 
 
 # --- standalone entry point (until cli.py registers these commands) ----------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinygpt", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parsers(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except KeyboardInterrupt:
-        print("tinygpt: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError, KeyError) as e:
-        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
