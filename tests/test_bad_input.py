@@ -20,6 +20,7 @@ import pytest
 from tinygpt import GPT, GPTConfig, cli
 from tinygpt.safetensors import load_safetensors, save_safetensors
 from tinygpt.tokenizer import GPT2Tokenizer
+from tinygpt.validate import json_checksum
 from tinygpt.weights import save_pretrained
 
 TEXT = "".join(f"the cat {w} on the mat. a dog {w} by the door.\n"
@@ -126,6 +127,7 @@ def prepared_with(p: Paths, name: str, meta=None, file: str = "meta.json",
     if meta is not None:
         m = json.loads((d / "meta.json").read_text())
         meta(m)
+        m["meta_crc32"] = json_checksum(m, "meta_crc32")   # so the check after it is what fails
         (d / "meta.json").write_text(json.dumps(m))
     if content is not None:
         (d / file).write_bytes(content)
@@ -199,6 +201,7 @@ CASES = [
         p, "d", meta=set_key("dtype", "float77"))), "dtype"),
     ("meta-no-chars", lambda p: p.pretrain(data=prepared_with(p, "d", meta=drop_key("chars"))),
      "meta.json: missing chars"),
+    ("meta-edited", lambda p: p.pretrain(data=_prepared_edited(p)), "meta.json: fails its checksum"),
     ("meta-no-tokenizer", lambda p: p.pretrain(data=prepared_with(
         p, "d", meta=drop_key("tokenizer"))), "meta.json: missing tokenizer"),
     ("train-bin-odd-size", lambda p: p.pretrain(data=prepared_with(
@@ -260,7 +263,7 @@ CASES = [
     ("resume-other-tokenizer", lambda p: resume(p.copy(p.run, "r"), "--tokenizer", "gpt2"),
      "--tokenizer"),
     ("resume-dropout", lambda p: resume(p.copy(p.run, "r"), "--dropout", "0.2"),
-     "dropout: checkpoint 0.1, now 0.2"),
+     "(dropout: checkpoint 0.1, now 0.2)"),              # and nothing else differs
     # 12: a failed prepare leaves no output folder
     ("prepare-missing-input", lambda p: ["prepare", str(p.tmp / "nope.txt"), str(p.tmp / "out"),
                                          "--quiet"], "nope.txt"),
@@ -283,6 +286,14 @@ def _with_file(p: Paths, name: str, content: str) -> Path:
 def _run_with_file(p: Paths, name: str, content: str) -> Path:
     d = p.copy(p.run, "r")
     (d / name).write_text(content)
+    return d
+
+
+def _prepared_edited(p: Paths) -> Path:
+    d = p.copy(p.prepared, "d")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["chars"] = meta["chars"][1:] + meta["chars"][:1]          # ids would decode wrongly
+    (d / "meta.json").write_text(json.dumps(meta))
     return d
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from tinygpt.fileio import atomic_write, write_json_atomic
 from tinygpt.safetensors import load_safetensors, save_safetensors
-from tinygpt.validate import read_json_object, short_list
+from tinygpt.validate import json_checksum, read_json_object, short_list
 
 FORMAT = "tinygpt-checkpoint-1"
 RECORD = "checkpoint.json"
@@ -74,8 +74,7 @@ def save_checkpoint(out_dir: Path | str, arrays: dict[str, np.ndarray], record: 
 def record_checksum(record: dict) -> int:
     """CRC32 of the record's canonical JSON (sorted keys, no spaces), its own checksum left out:
     a bit flip in checkpoint.json, a step or an RNG state, is caught as the tensors' are."""
-    body = {k: v for k, v in record.items() if k != "record_crc32"}
-    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    return json_checksum(record, "record_crc32")
 
 
 def read_record(out_dir: Path | str) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 
 from tinygpt.fileio import atomic_write, write_json_atomic
 from tinygpt.tokenizer import CharTokenizer, get_tokenizer
-from tinygpt.validate import check_number, read_json_object, require_keys
+from tinygpt.validate import check_number, json_checksum, read_json_object, require_keys
 
 TOKEN_DTYPE = np.uint16   # on disk: GPT-2's 50,257 ids fit in 16 bits, half the size of int32
 CHUNK_BYTES = 1 << 20     # prepare reads and tokenizes about 1 MB of text at a time
@@ -282,6 +282,7 @@ def _write_prepared(tok: TokenizerLike, input_path: Path, out_dir: Path, val_fra
             "eot_id": getattr(tok, "eot_id", None), "source": input_path.name, "files": files}
     if isinstance(tok, CharTokenizer):
         meta["chars"] = tok.chars  # without them the ids could not be decoded
+    meta["meta_crc32"] = json_checksum(meta, "meta_crc32")
     write_json_atomic(out_dir / META_FILE, meta)
     return meta
 
@@ -312,7 +313,10 @@ def read_meta(out_dir: Path | str) -> dict:
         raise FileNotFoundError(f"{path} not found: run `tinygpt prepare INPUT.txt {out_dir}` "
                                 "first")
     meta = read_json_object(path)
-    require_keys(meta, ("tokenizer", "dtype", "train_tokens", "val_tokens"), path)
+    require_keys(meta, ("tokenizer", "dtype", "train_tokens", "val_tokens", "meta_crc32"), path)
+    if meta["meta_crc32"] != json_checksum(meta, "meta_crc32"):
+        raise ValueError(f"{path}: fails its checksum (edited or damaged); prepare the folder "
+                         "again")
     if meta["dtype"] not in META_DTYPES:
         raise ValueError(f"{path}: unknown dtype {_short(meta['dtype'])} (expected "
                          f"{' or '.join(META_DTYPES)})")

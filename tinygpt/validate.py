@@ -7,6 +7,7 @@ same thing the same way: a one-line error naming the file, flag, field or tensor
     read_json_object a JSON file that must hold an object: missing, empty, non-UTF-8, invalid
     require_keys     the keys a reader needs from such an object
     check_finite     an array of weights: no NaN or infinity
+    json_checksum    CRC32 of a JSON object's canonical form, so a file can carry its own
     short_list       "a, b, c and 12 more", so a message never grows with the input
 
     python -m pytest tests/test_validate.py tests/test_bad_input.py -q
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -150,6 +152,13 @@ def require_keys(obj: dict, keys: Iterable[str], source: str | os.PathLike) -> N
     missing = [k for k in keys if k not in obj]
     if missing:
         raise ValueError(f"{source}: missing {short_list(missing)}")
+
+
+def json_checksum(obj: dict, key: str) -> int:
+    """CRC32 of `obj`'s canonical JSON (sorted keys, no spaces) without `obj[key]`, the checksum
+    itself: stored under `key`, it catches a bit flip or an edit in a JSON file."""
+    body = {k: v for k, v in obj.items() if k != key}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
 
 
 def check_finite(name: str, array: np.ndarray, source: str | os.PathLike) -> None:
