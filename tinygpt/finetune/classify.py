@@ -327,7 +327,8 @@ def finetune_classifier(model: Classifier, splits: Splits, cfg, out_dir: str | o
              (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     done = result.step / len(splits.train)          # epochs done; a fraction after max_steps
     if not epochs or epochs[-1]["epoch"] < done:    # the last pass ends without asking for more
-        epochs.append({"epoch": round(done, 3), "test_accuracy": final["test"]["accuracy"],
+        epochs.append({"epoch": int(done) if done == int(done) else round(done, 3),
+                       "test_accuracy": final["test"]["accuracy"],
                        "seconds": time.perf_counter() - start})
     results = {"steps": result.step, "train_seconds": result.seconds,
                "seconds": time.perf_counter() - start, "epochs": epochs,
