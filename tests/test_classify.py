@@ -300,6 +300,13 @@ def test_classify_warns_and_truncates_a_text_longer_than_the_context(shared, tmp
     preds = cmd.classify_texts(str(tmp_path), ["short", " word" * 20], warn=warnings.append)
     assert [p.truncated for p in preds] == [False, True]
     assert len(warnings) == 1 and "text 2 has 20 tokens" in warnings[0]
+    book = C.Classifier(tiny_gpt(), 2, "last")          # pads to its training length, as trained
+    C.save_classifier(book, tmp_path / "book", GPT2Tokenizer(), ["ham", "spam"], 50256, 12)
+    [pred] = cmd.classify_texts(str(tmp_path / "book"), ["a short one"], warn=warnings.append)
+    ids = np.full((1, 12), 50256)
+    ids[0, :3] = GPT2Tokenizer().encode("a short one")
+    probs = np.exp(book(ids, np.array([3])).data)
+    assert pred.probability == pytest.approx(probs.max() / probs.sum(), rel=1e-5)
 
 
 @pytest.mark.parametrize("flags, message", [

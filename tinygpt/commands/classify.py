@@ -184,7 +184,10 @@ def classify_texts(model_dir: str, texts: list[str], batch_size: int = 8,
     (keeping its start), with a warning."""
     from tinygpt.finetune.classify import load_classifier, predict
     model, tok, info = load_classifier(model_dir)
-    limit = model.config.block_size
+    # `last` reads the position the texts were padded to in training (the book's classify_review)
+    book = model.token_pos == "last"
+    limit = int(info["max_length"]) if book else model.config.block_size
+    what = "the length it was trained with" if book else "the model's context"
     ids, cut = [], []
     for n, text in enumerate(texts, 1):
         t = tok.encode(text)
@@ -192,10 +195,10 @@ def classify_texts(model_dir: str, texts: list[str], batch_size: int = 8,
             raise ValueError(f"text {n} is empty")
         cut.append(len(t) > limit)
         if cut[-1]:
-            warn(f"warning: text {n} has {len(t)} tokens, more than the model's context of "
-                 f"{limit}: classified on its first {limit}")
+            warn(f"warning: text {n} has {len(t)} tokens, more than {what} ({limit}): "
+                 f"classified on its first {limit}")
         ids.append(t[:limit])
-    probs = predict(model, ids, info["pad_id"], batch_size)
+    probs = predict(model, ids, info["pad_id"], batch_size, limit if book else None)
     names = info["label_names"]
     return [Prediction(names[k], float(p[k]), c) for p, k, c in zip(probs, probs.argmax(-1), cut)]
 

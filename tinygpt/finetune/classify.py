@@ -268,9 +268,10 @@ def evaluate_split(model: Classifier, loader: DataLoader) -> dict[str, float]:
 
 
 def predict(model: Classifier, ids: Sequence[Sequence[int]], pad_id: int,
-            batch_size: int = 8) -> np.ndarray:
-    """Class probabilities (N, K) of tokenized texts, in batches."""
-    data = ClassificationDataset(ids, np.zeros(len(ids)), pad_id)
+            batch_size: int = 8, max_length: int | None = None) -> np.ndarray:
+    """Class probabilities (N, K) of tokenized texts, in batches. `max_length` pads (and cuts)
+    every text to that length, which `last` needs to read the position it was trained on."""
+    data = ClassificationDataset(ids, np.zeros(len(ids)), pad_id, max_length)
     model.eval()
     out = []
     with no_grad():
