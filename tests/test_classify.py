@@ -112,7 +112,7 @@ def test_csv_and_jsonl_with_named_columns_and_three_classes(tmp_path):
     (tmp_path / "t.jsonl").write_text("\n".join(map(json.dumps, rows)), encoding="utf-8")
     data = C.read_labelled(tmp_path / "t.jsonl", text_col="msg", label_col="y")
     assert data.texts == ["hello", "bye"] and data.labels == ["1", "0"]
-    with pytest.raises(ValueError, match="no column 'text'.*columns are msg, y"):
+    with pytest.raises(ValueError, match="no text column 'text'.*columns are msg, y"):
         C.read_labelled(tmp_path / "t.jsonl")
 
 

@@ -74,7 +74,7 @@ def read_labelled(path: str | os.PathLike, text_col: str | None = None,
     else:
         if text_col is not None or label_col is not None:
             raise ValueError(f"{path}: a file of label<TAB>text lines has no header, so no "
-                             "--text-col/--label-col (name the file .csv, .tsv or .jsonl)")
+                             "column names (name the file .csv, .tsv or .jsonl)")
         rows = _csv_rows(raw, "\t", path, header=False)
     texts, labels = _columns(rows, path, text_col or "text", label_col or "label")
     if len(set(labels)) < 2:
@@ -119,8 +119,8 @@ def _columns(rows, path: Path, text_col: str, label_col: str) -> tuple[list[str]
     texts, labels, keys = [], [], None
     for n, row in rows:
         if keys is None:
-            keys = {want: _find_column(row, want, path, flag)
-                    for want, flag in ((text_col, "--text-col"), (label_col, "--label-col"))}
+            keys = {want: _find_column(row, want, path, what)
+                    for want, what in ((text_col, "text"), (label_col, "label"))}
         text, label = row.get(keys[text_col]), row.get(keys[label_col])
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}: row {n} has an empty or missing text")
@@ -133,13 +133,13 @@ def _columns(rows, path: Path, text_col: str, label_col: str) -> tuple[list[str]
     return texts, labels
 
 
-def _find_column(row: dict, want: str, path: Path, flag: str) -> str:
+def _find_column(row: dict, want: str, path: Path, what: str) -> str:
     if want in row:
         return want
     folded = [k for k in row if k.lower() == want.lower()]
     if len(folded) == 1:
         return folded[0]
-    raise ValueError(f"{path}: no column {want!r} ({flag}); columns are {', '.join(map(str, row))}")
+    raise ValueError(f"{path}: no {what} column {want!r}; columns are {', '.join(map(str, row))}")
 
 
 def balance(labels: np.ndarray, seed: int = BOOK_SEED) -> np.ndarray:
@@ -183,11 +183,11 @@ def sms_spam_file(urls: Sequence[str] | None = None, *, progress: bool = True,
         return shared
     if cached.is_file() and _sha256(cached.read_bytes()) == SMS_SHA256:
         return cached
-    zipped = cache_dir() / "sms+spam+collection.zip"
     errors, urls = [], SMS_URLS if urls is None else urls
     try:
-        zipped.parent.mkdir(parents=True, exist_ok=True)
-        for url in urls:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        for k, url in enumerate(urls):
+            zipped = cache_dir() / f"sms-spam-collection-{k}.zip"   # a .part resumes per URL
             try:
                 download_file(url, zipped, progress=progress, timeout=timeout, retries=1)
                 return _extract_sms(zipped, cached, url)
