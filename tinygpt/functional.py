@@ -49,6 +49,10 @@ def pow(x: Tensor, p: float) -> Tensor:  # noqa: A001 (the math name)
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """Batched matrix product; a 1-D operand is treated as a row (a) or column (b) vector."""
     b = ops.lift(b, a)
+    inner_b = b.shape[-2:-1] if b.ndim >= 2 else b.shape
+    if a.ndim == 0 or b.ndim == 0 or a.shape[-1:] != inner_b:       # checked on what was passed
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match (inner "
+                         f"dimensions {a.shape[-1:]} and {inner_b})")
     if a.ndim == 1 and b.ndim >= 2:
         return reshape(matmul(reshape(a, (1, -1)), b), b.shape[:-2] + b.shape[-1:])
     if b.ndim == 1:
