@@ -62,6 +62,8 @@ def test_attend_one_reads_the_cache_in_place(B, KV, group, length, seed):
 def test_int8_quantization_error_is_bounded_by_half_a_step():
     w = _rng(0).standard_normal((16, 64)).astype(np.float32)
     q, scale = dk.quantize_int8(w, 32)
+    q_t, _ = dk.quantize_int8(np.asfortranarray(w), 32)     # a Linear's (in, out) weight, .T
+    assert q_t.flags.c_contiguous and np.array_equal(q_t, q)  # rows stay rows: kernels stream
     back = (q.reshape(16, 2, 32) * scale[:, :, None]).reshape(16, 64)
     assert np.all(np.abs(back - w) <= scale.repeat(32, axis=1) / 2 + 1e-7)
     assert np.abs(q).max() == 127

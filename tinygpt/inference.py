@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinygpt import decode_kernels as dk
+from tinygpt import decode_kernels as dk, runtime
 from tinygpt.nn import Embedding, Linear, Module
 
 QUANTIZE = (None, "int8")
@@ -101,6 +101,7 @@ def pack_module(module: Module, quantize: str | None = None) -> None:
     module.weight = None                               # drop the training copy as we go
     rows = w.data.T if isinstance(module, Linear) else w.data    # (out, in) either way
     module.packed = PackedWeight.from_rows(rows, quantize)
+    w.data = np.empty(0, np.float32)   # a loader's name -> Parameter table may still hold `w`
 
 
 def packer(model: Module, pack: str):
@@ -109,6 +110,7 @@ def packer(model: Module, pack: str):
     if pack not in ("float32", "int8"):
         raise ValueError(f"pack must be 'float32' or 'int8', got {pack!r}")
     quantize = None if pack == "float32" else pack
+    runtime.return_freed_memory()             # each float32 tensor leaves as soon as it is packed
 
     def on_tensor(name: str) -> None:
         owner, _, attr = name.rpartition(".")

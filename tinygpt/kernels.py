@@ -23,12 +23,11 @@ from numba.extending import overload
 
 USE_NUMBA = os.environ.get("TINYGPT_NUMBA", "1") != "0"
 
-# NOTE: numba's default OpenMP threads keep spinning after a prange loop and starve OpenBLAS's
-# threads in the matmul that follows: attention forward (96 x 256 x 64) took 4.6 s with "omp" and
-# 0.26 s with "workqueue" on a 2-core box. workqueue must not run prange loops from two Python
-# threads at once; set NUMBA_THREADING_LAYER to choose another layer.
+# NOTE: numba's parallel loops run on OpenMP (libgomp) where it is installed, with the short spin
+# runtime.py sets, and on "workqueue" threads otherwise (TBB last). See runtime.py, point 2,
+# for why both the layer and the spin matter. NUMBA_THREADING_LAYER chooses another layer.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + c x^3)))
 GELU_C = 0.044715  # cubic coefficient of the tanh fit (Hendrycks & Gimpel, 2016)

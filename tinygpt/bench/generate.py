@@ -89,9 +89,9 @@ def _compare(args, model: str) -> int:
                 print(f"tinygpt {name} / torch: {r['decode_tps'] / theirs['decode_tps']:.2f}x "
                       f"decode, {theirs['prefill_ms'] / r['prefill_ms']:.2f}x prefill; same "
                       f"tokens: {r['tokens'] == theirs['tokens']}")
-    base = results.get("blas") or results.get("float32")
+    base = results.get("blas") or results.get("float32") or results.get("torch")
     for name, r in results.items():
-        if name != "torch":
+        if name != "torch" and base is not None:
             same = sum(a == b for a, b in zip(r["tokens"], base["tokens"]))
             print(f"tinygpt {name}: {same}/{len(base['tokens'])} greedy tokens as the float32 "
                   "model" + (f"; perplexity {r['ppl']:.3f}" if "ppl" in r else ""))
