@@ -283,6 +283,28 @@ def test_cli_download(hub, tmp_path, capsys):
                                       f"{tmp_path / 'w' / NAME}\n"
 
 
+def test_download_and_load_a_smollm2_hub_folder(hub, tmp_path, shared, capsys):
+    """`tinygpt download smollm2-135m-instruct` fetches the hub folder users know, tokenizer
+    included, and every command then loads it by name (here the fixture's tiny Llama files)."""
+    fixture = shared / "fixtures" / "smollm2-135m-instruct"
+    repo = "/HuggingFaceTB/SmolLM2-135M-Instruct/resolve/main/"
+    hub.files |= {repo + "model.safetensors":
+                  (fixture / "llama-tiny-hf" / "model.safetensors").read_bytes(),
+                  repo + "config.json": (fixture / "llama-tiny-hf" / "config.json").read_bytes(),
+                  repo + "tokenizer.json": (fixture / "tokenizer" / "tokenizer.json").read_bytes(),
+                  repo + "tokenizer_config.json":
+                  (fixture / "tokenizer" / "tokenizer_config.json").read_bytes()}
+    argv = ["download", "smollm2-135m-instruct", "--dir", str(tmp_path), "--base-url", hub.url,
+            "--quiet"]
+    assert cli_main(argv) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    from tinygpt.llama import Llama
+    from tinygpt.weights import load_pretrained
+    model, tok = load_pretrained("smollm2-135m-instruct", tmp_path, download=False)
+    assert isinstance(model, Llama) and tok.encode("Every effort moves you") == [8600, 3867,
+                                                                                  7488, 346]
+
+
 def test_cli_errors_are_one_line_and_exit_2(hub, tmp_path, capsys):
     del hub.files[MODEL_PATH]
     argv = ["download", NAME, "--dir", str(tmp_path), "--base-url", hub.url, "--quiet"]

@@ -54,9 +54,10 @@ def _run_prepare(args) -> int:
 # --- download ----------------------------------------------------------------------------------
 
 def _add_download(sub) -> None:
-    from tinygpt.download import GPT2_NAMES, HF_URL
+    from tinygpt.download import HF_URL, MODEL_NAMES
     p = sub.add_parser("download", help="fetch GPT-2 model.safetensors + config.json (resumable)")
-    p.add_argument("name", choices=GPT2_NAMES, help="which GPT-2 (gpt2 is the 124M model)")
+    p.add_argument("name", choices=MODEL_NAMES, help="which model (gpt2 is GPT-2 124M; "
+                   "smollm2-135m-instruct the Llama-family chat model)")
     p.add_argument("--dir", default="weights", help="files go to DIR/NAME/ (default weights)")
     p.add_argument("--base-url", default=HF_URL, help=f"hub to fetch from (default {HF_URL})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,7 +66,8 @@ def _add_download(sub) -> None:
 def _run_download(args) -> int:
     from tinygpt.download import download_gpt2
     dest = download_gpt2(args.name, args.dir, base_url=args.base_url, progress=not args.quiet)
-    print(f"{args.name}: model.safetensors and config.json in {dest}")
+    from tinygpt.download import HUB_MODELS
+    print(f"{args.name}: {' and '.join(HUB_MODELS[args.name][1])} in {dest}")
     return 0
 
 

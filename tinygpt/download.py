@@ -1,4 +1,4 @@
-"""Fetch GPT-2's weights and the default data files: resumable, sha256-checked, atomic.
+"""Fetch model weights (GPT-2, SmolLM2) and the default data files: resumable, checked, atomic.
 
 This module owns getting files onto disk and finding them again. `download_gpt2` fetches
 `model.safetensors` and `config.json` into `weights/<name>/`, and `resolve_gpt2` turns a name or a
@@ -34,6 +34,15 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_FILES = ("model.safetensors", "config.json")
 HF_URL = "https://huggingface.co"
 HF_ORG = "openai-community"   # the hub's home of the GPT-2 repos ("gpt2" alone redirects there)
+# model name -> (hub repository, files): GPT-2's four sizes and the Llama-family SmolLM2, whose
+# folder also carries its tokenizer
+LLAMA_FILES = GPT2_FILES + ("tokenizer.json", "tokenizer_config.json")
+HUB_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{name: (f"{HF_ORG}/{name}", GPT2_FILES) for name in GPT2_NAMES},
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", LLAMA_FILES),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M", LLAMA_FILES),
+}
+MODEL_NAMES = tuple(HUB_MODELS)
 
 # (name, file) -> (sha256, size in bytes). Only hashes we have checked ourselves; for anything
 # else we trust the hash the hub reports in X-Linked-Etag (sent for LFS files, not config.json).
@@ -79,7 +88,8 @@ class _Interrupted(Exception):
 
 def download_gpt2(name: str, dir: str | os.PathLike = "weights", *, base_url: str = HF_URL,
                   progress: bool = True, timeout: float = 30.0, retries: int = 2) -> Path:
-    """Download GPT-2 `name`'s model.safetensors and config.json into `dir/name/`; return that.
+    """Download model `name`'s files (`HUB_MODELS`: GPT-2's model.safetensors and config.json;
+    SmolLM2's also its tokenizer) into `dir/name/`; return that.
 
     Files already complete are skipped without a request. `retries` is how many times a cut
     connection is resumed within this call; after that a rerun resumes from the .part file.
@@ -88,14 +98,15 @@ def download_gpt2(name: str, dir: str | os.PathLike = "weights", *, base_url: st
     dest = Path(dir) / name
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
+    repo, files = HUB_MODELS[name]
     try:
-        for file in GPT2_FILES:
-            url = f"{base_url.rstrip('/')}/{HF_ORG}/{name}/resolve/main/{file}"
+        for file in files:
+            url = f"{base_url.rstrip('/')}/{repo}/resolve/main/{file}"
             sha256, size = KNOWN_FILES.get((name, file), (None, None))
             download_file(url, dest / file, sha256=sha256, size=size, progress=progress,
                           timeout=timeout, retries=retries)
     except Unreachable as e:
-        raise Unreachable(f"{e}; to supply the files by hand, put {' and '.join(GPT2_FILES)} in "
+        raise Unreachable(f"{e}; to supply the files by hand, put {' and '.join(files)} in "
                           f"{dest}/ or pass a local directory that holds them") from None
     finally:
         if created and dest.is_dir() and not any(dest.iterdir()):   # leave no empty folder
@@ -116,7 +127,7 @@ def resolve_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weig
     if _has_gpt2_files(path):
         return path
     name = str(path_or_name)
-    if name not in GPT2_NAMES:
+    if name not in MODEL_NAMES:
         if (path / "checkpoint.json").is_file():
             raise ModelNotFound(f"{path}: a training run with a checkpoint but no final "
                                 f"{GPT2_FILES[0]}: it did not finish; continue it with "
@@ -125,8 +136,8 @@ def resolve_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weig
             missing = [f for f in GPT2_FILES if not (path / f).is_file()]
             raise ModelNotFound(f"{path}: directory has no {' or '.join(missing)}")
         raise ModelNotFound(f"{name!r} is neither a directory holding {' and '.join(GPT2_FILES)} "
-                            f"nor a GPT-2 model name ({', '.join(GPT2_NAMES)}); fetch one with "
-                            "`tinygpt download gpt2`, see weights/README.md")
+                            f"nor a GPT-2 model name or SmolLM2's ({', '.join(MODEL_NAMES)}); "
+                            "fetch one with `tinygpt download gpt2`, see weights/README.md")
     local = Path(dir) / name
     if _has_gpt2_files(local):
         return local
@@ -177,7 +188,8 @@ def data_file(name: str, *, progress: bool = True, timeout: float = 30.0,
 def find_hf_snapshot(name: str) -> Path | None:
     """A Hugging Face cache snapshot of `name` with both files, or None. Never downloads."""
     hub = _hf_hub_cache()
-    for repo in (hub / f"models--{HF_ORG}--{name}", hub / f"models--{name}"):
+    repo_id = HUB_MODELS.get(name, (f"{HF_ORG}/{name}", ()))[0]
+    for repo in (hub / f"models--{repo_id.replace('/', '--')}", hub / f"models--{name}"):
         snapshots = repo / "snapshots"
         if not snapshots.is_dir():
             continue
@@ -349,8 +361,8 @@ def _has_gpt2_files(directory: Path) -> bool:
 
 
 def _check_name(name: str) -> None:
-    if name not in GPT2_NAMES:
-        raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_NAMES)}")
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def _hf_hub_cache() -> Path:

@@ -167,13 +167,16 @@ def load_pretrained(path_or_name: str | os.PathLike, dir: str | os.PathLike = "w
     "gguf" to keep a GGUF file's quantized blocks.
     """
     path = Path(path_or_name)
+    if path.suffix != ".gguf":
+        if pack == "gguf":
+            raise ValueError(f"{path}: pack 'gguf' keeps a GGUF file's blocks; this is not a "
+                             ".gguf")
+        if _model_type(path) != "llama":          # a GPT-2 folder or run, or a model's name
+            path = resolve_gpt2(path_or_name, dir, download=download)
     if path.suffix == ".gguf" or _model_type(path) == "llama":
         from tinygpt.llama_weights import load_llama_pretrained
         return load_llama_pretrained(path, pack=pack)
-    if pack == "gguf":
-        raise ValueError(f"{path}: pack 'gguf' keeps a GGUF file's blocks; this is not a .gguf")
-    directory = resolve_gpt2(path_or_name, dir, download=download)
-    return load_gpt2(directory, pack=pack), load_tokenizer(directory)
+    return load_gpt2(path, pack=pack), load_tokenizer(path)
 
 
 def _model_type(path: Path) -> str | None:
