@@ -364,3 +364,16 @@ def test_whole_corpus_like_the_tokenizers_package(tok, reference):
     plain, digits, _ = reference
     text = (SHARED / "data" / "the-verdict.txt").read_text(encoding="utf-8")
     assert tok.encode(text) == plain.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("which", ["tok", "gguf_tok"])
+def test_save_pretrained_round_trips_through_tokenizer_json(which, request, meta, tmp_path):
+    """A fine-tuned model's folder carries its tokenizer as the hub's tokenizer.json; read back,
+    it encodes like the original (the GGUF one keeps its digit-splitting pre-tokenizer)."""
+    original = request.getfixturevalue(which)
+    path = original.save_pretrained(tmp_path)
+    again = HFTokenizer.from_tokenizer_json(path)
+    for text in meta["texts"] + ["a  1", "x\u00e9\u4e2d 12345 <|im_end|>"]:
+        assert again.encode(text) == original.encode(text)
+    assert (again.eos_id, again.pre, again.n_vocab) == (original.eos_id, original.pre,
+                                                        original.n_vocab)

@@ -74,8 +74,6 @@ class HFTokenizer:
             raise ValueError(f"{source}: unknown pre-tokenizer {pre!r} "
                              f"(supported: {', '.join(PRE_TOKENIZER_PATTERNS)})")
         self.name, self.pre, self.eos_id = name, pre, eos_id
-        self.tokens = list(tokens)
-        self.merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
         self.special_tokens = dict(special_tokens)
         self._n_vocab = len(tokens)
         for text, i in self.special_tokens.items():
@@ -145,25 +143,40 @@ class HFTokenizer:
         return cls(tokens, merges, specials, str(metadata.get("tokenizer.ggml.pre", "gpt2")),
                    eos_id=metadata.get("tokenizer.ggml.eos_token_id"), name=name, source=source)
 
-    def save(self, path: Path | str) -> None:
-        """Write everything this tokenizer was built from as one JSON file (atomically), read
-        back by `load`: so a fine-tuned model's run folder carries its tokenizer."""
+    def save_pretrained(self, directory: Path | str) -> Path:
+        """Write `tokenizer.json` + `tokenizer_config.json` into `directory`, as a hub folder
+        holds them: just the fields `from_tokenizer_json` reads back, so a fine-tuned model's
+        folder carries its tokenizer. Returns the tokenizer.json path."""
+        from tinygpt.bpe import bytes_to_unicode
         from tinygpt.fileio import write_json_atomic
-        write_json_atomic(path, {"type": "hf-bpe", "name": self.name, "pre": self.pre,
-                                 "eos_id": self.eos_id, "special_tokens": self.special_tokens,
-                                 "tokens": self.tokens, "merges": self.merges}, indent=None)
+        char = bytes_to_unicode()                        # byte -> GPT-2's printable character
 
-    @classmethod
-    def load(cls, path: Path | str) -> HFTokenizer:
-        path = Path(path)
-        state = _read_json(path)
-        if not isinstance(state, dict) or state.get("type") != "hf-bpe":
-            raise ValueError(f"{path}: not a saved hf-bpe tokenizer")
-        try:
-            return cls(state["tokens"], state["merges"], state["special_tokens"], state["pre"],
-                       state.get("eos_id"), state.get("name", "hf-bpe"), source=str(path))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: saved tokenizer is missing or mangles {e}") from None
+        def written(b: bytes) -> str:
+            return "".join(char[x] for x in b)
+
+        vocab = {written(b): i for b, i in self.ranks.items()}
+        merges = [f"{written(a)} {written(b)}" for (a, b), _ in
+                  sorted(self.merge_priority.items(), key=lambda item: item[1])]
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": True}
+        pre = byte_level if self.pre == "gpt2" else {
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True} for t, i in self.special_tokens.items()]
+        directory = Path(directory)
+        write_json_atomic(directory / "tokenizer.json", {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": None, "pre_tokenizer": pre, "post_processor": None,
+            "decoder": {**byte_level}, "model": {
+                "type": "BPE", "dropout": None, "unk_token": None,
+                "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
+                "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+                "merges": merges}})
+        names = {i: t for t, i in self.special_tokens.items()}
+        config = {"eos_token": names[self.eos_id]} if self.eos_id in names else {}
+        write_json_atomic(directory / "tokenizer_config.json", config)
+        return directory / "tokenizer.json"
 
     # --- the shared tokenizer interface ----------------------------------------------------
 

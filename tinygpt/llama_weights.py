@@ -22,9 +22,9 @@ import numpy as np
 
 from tinygpt.fileio import write_json_atomic
 from tinygpt.llama import Llama, LlamaConfig
-from tinygpt.nn import shape_mismatches
+from tinygpt.nn import mismatch_report, shape_mismatches
 from tinygpt.safetensors import load_safetensors, save_safetensors
-from tinygpt.validate import check_finite, read_json_object, short_list
+from tinygpt.validate import check_finite, read_json_object
 
 # llama.cpp's tensor names -> ours (Hugging Face's); {i} is the layer
 GGUF_NAMES = {
@@ -167,11 +167,8 @@ def _to_ours(name: str, w: np.ndarray) -> np.ndarray:
 
 
 def _check_fit(path: Path, params: dict, shapes: dict) -> None:
-    missing, unexpected, misshaped = shape_mismatches({n: p.shape for n, p in params.items()},
-                                                      shapes)
-    problems = [f"{label} [{short_list(items)}]"
-                for label, items in (("missing", missing), ("unexpected", unexpected),
-                                     ("wrong shape", misshaped)) if items]
+    problems = mismatch_report(*shape_mismatches({n: p.shape for n, p in params.items()},
+                                                 shapes))
     if problems:
         raise ValueError(f"{path}: weights do not fit the Llama config: " + "; ".join(problems))
 
@@ -190,14 +187,9 @@ def load_llama_pretrained(path: str | os.PathLike, pack: str | None = None):
         return model.eval(), tokenizer
     if pack == "gguf":
         raise ValueError(f"{path}: pack 'gguf' keeps a GGUF file's blocks; this is a folder")
-    if (path / "tokenizer.json").is_file():                  # as the hub has it
-        tokenizer = HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
-    else:                                                    # as a fine-tuning run saved it
-        from tinygpt.tokenizer import TOKENIZER_FILE, load_tokenizer
-        if not (path / TOKENIZER_FILE).is_file():
-            raise FileNotFoundError(f"{path}: a Llama folder needs its tokenizer.json (or the "
-                                    f"{TOKENIZER_FILE} a tinygpt run writes)")
-        tokenizer = load_tokenizer(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: a Llama folder needs its tokenizer.json")
+    tokenizer = HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
     model = load_llama_hf(path)
     if pack is not None:
         from tinygpt.inference import pack_for_inference

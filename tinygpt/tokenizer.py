@@ -162,12 +162,15 @@ def get_tokenizer(name: str = "gpt2", text: str | None = None,
 
 def save_tokenizer(tok: Tokenizer, directory: Path | str) -> Path:
     """Write `directory/tinygpt-tokenizer.json`: GPT-2's BPE by name ({"type": "gpt2"}, its files
-    are bundled), a character vocabulary or a trained BPE vocabulary in full."""
+    are bundled), a character vocabulary or a trained BPE vocabulary in full; a Llama-family
+    model's `HFTokenizer` as the hub's own tokenizer.json (`HFTokenizer.save_pretrained`)."""
     path = Path(directory) / TOKENIZER_FILE
     if isinstance(tok, GPT2Tokenizer):
         write_json_atomic(path, {"type": "gpt2"})
-    elif isinstance(tok, (CharTokenizer, BPETokenizer)) or type(tok).__name__ == "HFTokenizer":
+    elif isinstance(tok, (CharTokenizer, BPETokenizer)):
         tok.save(path)
+    elif type(tok).__name__ == "HFTokenizer":              # a Llama-family model's: the hub's files
+        return tok.save_pretrained(directory)
     else:
         raise TypeError(f"cannot save a {type(tok).__name__}: not a tinygpt tokenizer")
     return path
@@ -187,8 +190,5 @@ def load_tokenizer(directory: Path | str) -> Tokenizer:
         return CharTokenizer.load(path)
     if kind == "tinygpt-bpe":
         return BPETokenizer.load(path)
-    if kind == "hf-bpe":                                  # a Llama-family model's own BPE
-        from tinygpt.hf_tokenizer import HFTokenizer
-        return HFTokenizer.load(path)
-    raise ValueError(f"{path}: unknown tokenizer {kind!r} (expected gpt2, char, tinygpt-bpe or "
-                     "hf-bpe)")
+    raise ValueError(f"{path}: unknown tokenizer {kind!r} (expected gpt2, char or "
+                     "tinygpt-bpe)")

@@ -248,12 +248,15 @@ def _logits(model: Classifier, ids: np.ndarray, lengths: np.ndarray) -> Tensor:
     return logits
 
 
-def evaluate_split(model: Classifier, loader: DataLoader) -> dict[str, float]:
+def evaluate_split(model: Classifier, loader: DataLoader, keep: bool = False) -> dict:
     """{"loss", "accuracy", "n"} over every text of `loader` (the book's calc_accuracy_loader
-    with num_batches=None), dropout off; each text counts once, whatever its batch's size."""
+    with num_batches=None), dropout off; each text counts once, whatever its batch's size.
+    `keep` adds every text's "labels" and "predictions" (for a confusion matrix)."""
     was_training = model.training
     model.eval()
     loss = correct = n = 0.0
+    labels_seen: list[int] = []
+    predicted: list[int] = []
     try:
         with no_grad():
             for ids, lengths, labels in loader:
@@ -261,10 +264,16 @@ def evaluate_split(model: Classifier, loader: DataLoader) -> dict[str, float]:
                 loss += float(F.cross_entropy(logits, labels, reduction="sum").data)
                 correct += float(np.sum(logits.data.argmax(axis=-1) == labels))
                 n += len(labels)
+                if keep:
+                    labels_seen += np.asarray(labels).tolist()
+                    predicted += logits.data.argmax(axis=-1).tolist()
     finally:
         model.train(was_training)
         model._memo = None
-    return {"loss": loss / n, "accuracy": correct / n, "n": int(n)}
+    scores = {"loss": loss / n, "accuracy": correct / n, "n": int(n)}
+    if keep:
+        scores |= {"labels": labels_seen, "predictions": predicted}
+    return scores
 
 
 def predict(model: Classifier, ids: Sequence[Sequence[int]], pad_id: int,
@@ -324,7 +333,7 @@ def finetune_classifier(model: Classifier, splits: Splits, cfg, out_dir: str | o
     result = train(model, _EpochEnds(splits.train, end_of_epoch), splits.val, cfg,
                    loss_fn=classification_loss, metrics=metrics, log=log, progress=progress,
                    on_eval=add_test, count_tokens=lambda batch: int(batch[1].sum()))
-    final = {name: evaluate_split(model, loader) for name, loader in
+    final = {name: evaluate_split(model, loader, keep=name == "test") for name, loader in
              (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     done = result.step / len(splits.train)          # epochs done; a fraction after max_steps
     if not epochs or epochs[-1]["epoch"] < done:    # the last pass ends without asking for more
@@ -334,7 +343,9 @@ def finetune_classifier(model: Classifier, splits: Splits, cfg, out_dir: str | o
     results = {"steps": result.step, "train_seconds": result.seconds,
                "seconds": time.perf_counter() - start, "epochs": epochs,
                **{f"before_{k}_accuracy": v["accuracy"] for k, v in before.items()},
-               **{f"{k}_{m}": final[k][m] for k in final for m in ("loss", "accuracy", "n")}}
+               **{f"{k}_{m}": final[k][m] for k in final for m in ("loss", "accuracy", "n")},
+               "test_labels": final["test"]["labels"],
+               "test_predictions": final["test"]["predictions"]}
     write_json_atomic(out / "results.json", results)
     return results
 
@@ -374,13 +385,8 @@ def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
         from tinygpt.finetune.lora import unload
         unload(model)                # adapters merged into plain Linears: the hub layout's names
     backbone = model.backbone
-    if isinstance(backbone, GPT):
-        from tinygpt.weights import save_pretrained
-        save_pretrained(backbone, out, tokenizer)
-    else:
-        from tinygpt.llama_weights import save_llama_hf
-        save_llama_hf(backbone, out)
-        _save_hf_tokenizer(tokenizer, out)
+    from tinygpt.weights import save_pretrained          # GPT-2 or Llama hub layout
+    save_pretrained(backbone, out, tokenizer)
     save_safetensors({"head.weight": model.head.weight.data, "head.bias": model.head.bias.data},
                      out / HEAD_FILE)
     write_json_atomic(out / CLASSIFIER_FILE, {
@@ -388,37 +394,6 @@ def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
         "token_pos": model.token_pos, "pad_id": int(pad_id), "max_length": int(max_length),
         "backbone": "gpt2" if isinstance(backbone, GPT) else "llama", **(extra or {})})
     return out
-
-
-def _save_hf_tokenizer(tok, out: Path) -> None:
-    """`tok` (an HFTokenizer) as the tokenizer.json + tokenizer_config.json of a hub folder,
-    just the fields `HFTokenizer.from_tokenizer_json` reads back."""
-    from tinygpt.bpe import bytes_to_unicode
-    char = bytes_to_unicode()                            # byte -> GPT-2's printable character
-
-    def written(b: bytes) -> str:
-        return "".join(char[x] for x in b)
-
-    vocab = {written(b): i for b, i in tok.ranks.items()}
-    merges = [f"{written(a)} {written(b)}" for (a, b), _ in
-              sorted(tok.merge_priority.items(), key=lambda item: item[1])]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                  "use_regex": True}
-    pre = byte_level if tok.pre == "gpt2" else {
-        "type": "Sequence",
-        "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for t, i in tok.special_tokens.items()]
-    write_json_atomic(out / "tokenizer.json", {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": pre, "post_processor": None,
-        "decoder": {**byte_level}, "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-            "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
-            "ignore_merges": False, "vocab": vocab, "merges": merges}})
-    names = {i: t for t, i in tok.special_tokens.items()}
-    config = {"eos_token": names[tok.eos_id]} if tok.eos_id in names else {}
-    write_json_atomic(out / "tokenizer_config.json", config)
 
 
 def load_classifier(model_dir: str | os.PathLike) -> tuple[Classifier, object, dict]:
