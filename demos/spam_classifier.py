@@ -27,6 +27,7 @@ import sys
 import time
 
 from tinygpt.download import DownloadError, shared_data_dir
+from tinygpt.commands.classify import draw_confusion
 from tinygpt.finetune import classify as C
 from tinygpt.train import TrainConfig
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"runs/spam-{name}"
     r = C.finetune_classifier(model, splits, cfg, out, log=print, progress=not args.quiet)
     C.save_classifier(model, out, tok, splits.label_names, pad_id, splits.max_length)
+    draw_confusion(r, splits.label_names, out)                        # out/confusion.png
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # KiB -> MiB
     print("\nepoch  test accuracy  seconds since start")

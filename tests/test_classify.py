@@ -5,6 +5,7 @@ Real data (../shared/data/SMSSpamCollection) by path through the `shared` fixtur
 tiny (1-2 layers, width 16-32) except where only parameter counts of the real sizes are checked
 (those are built without initialising their weights). Downloads go to a server on 127.0.0.1.
 """
+import importlib.util
 import io
 import json
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tinygpt.cli import main as cli_main
 from tinygpt.commands import classify as cmd
 from tinygpt.finetune import classify as C
 from tinygpt.finetune import classify_data as D
@@ -228,7 +230,7 @@ def test_lora_adapts_every_linear_as_the_book(tmp_path):
 # --- training, saving, the commands --------------------------------------------------------------
 
 def _run(argv, capsys):
-    rc = cmd.main(argv)
+    rc = cli_main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -251,6 +253,10 @@ def test_a_short_run_learns_spam_well_above_the_majority_class(shared, tmp_path,
     assert results["test_accuracy"] > majority + 0.3
     header, *rows = (out / "log.csv").read_text().splitlines()
     assert "test_accuracy" in header.split(",") and len(rows) == 3   # steps 0, 20, 40
+    predictions, labels = np.array(results["test_predictions"]), np.array(results["test_labels"])
+    assert len(labels) == 300 and np.mean(predictions == labels) == results["test_accuracy"]
+    if importlib.util.find_spec("matplotlib"):                       # the test split, drawn
+        assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((out / "classifier.json").read_text())
     assert info["label_names"] == ["ham", "spam"] and info["max_length"] == 120
     # the classifier's folder is also a GPT-2 hub folder: every command can load the backbone
@@ -285,12 +291,10 @@ def test_classifier_with_a_llama_backbone_saves_its_tokenizer_and_loads_back(sha
 
 
 def test_classify_refuses_a_folder_without_a_head(tmp_path, capsys):
-    from tinygpt.cli import main as cli_main                # registered in the real CLI too
     save_pretrained(tiny_gpt(vocab_size=100), tmp_path, GPT2Tokenizer())
-    for run in (cmd.main, cli_main):
-        rc = run(["classify", "--model", str(tmp_path), "hello"])
-        err = capsys.readouterr().err
-        assert rc == 2 and "no classifier.json" in err and len(err.strip().splitlines()) == 1
+    rc = cli_main(["classify", "--model", str(tmp_path), "hello"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no classifier.json" in err and len(err.strip().splitlines()) == 1
 
 
 def test_classify_warns_and_truncates_a_text_longer_than_the_context(shared, tmp_path):

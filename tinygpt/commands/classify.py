@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def add_parsers(subparsers) -> None:
@@ -124,11 +125,22 @@ def run_finetune(args) -> int:
         raise ValueError(str(e)) from None
     C.save_classifier(model, args.out, tok, splits.label_names, pad_id, splits.max_length,
                       extra={"model": str(args.model), "trainable": args.trainable})
+    draw_confusion(result, splits.label_names, args.out)
     print(f"done in {result['train_seconds']:.0f} s of training: accuracy train "
           f"{result['train_accuracy']:.2%}, val {result['val_accuracy']:.2%}, test "
           f"{result['test_accuracy']:.2%}; classifier in {args.out} (tinygpt classify --model "
           f"{args.out} TEXT)")
     return 0
+
+
+def draw_confusion(result: dict, label_names, out) -> Path | None:
+    """`out/confusion.png`: the test split's confusion matrix (None without matplotlib)."""
+    from tinygpt import plots
+    try:
+        return plots.plot_confusion(result["test_labels"], result["test_predictions"],
+                                    label_names, Path(out) / "confusion.png")
+    except ImportError:
+        return None
 
 
 def _backbone(args):
@@ -212,15 +224,3 @@ def run_classify(args) -> int:
     for p, text in zip(classify_texts(args.model, texts, args.batch_size), texts):
         print(f"{p.label}\t{p.probability:.4f}\t{text}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """These two subcommands alone, with the CLI's error convention (for tests and scripts)."""
-    parser = argparse.ArgumentParser(prog="tinygpt")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except (ValueError, TypeError, OSError, KeyError) as e:
-        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
