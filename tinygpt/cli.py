@@ -74,6 +74,7 @@ def _run_download(args) -> int:
 # --- generate ----------------------------------------------------------------------------------
 
 def _add_generate(sub) -> None:
+    from tinygpt.tokenizer import EOT_ID
     p = sub.add_parser("generate", help="continue a prompt with a GPT, streaming text to stdout",
                        description="Continue --prompt (KV-cached), printing text as it is "
                        "generated. --model is a GPT-2 name (looked up in --dir/NAME, then the "
@@ -91,8 +92,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
-    p.add_argument("--eos", type=int, nargs="?", const=50256, default=None, metavar="ID",
-                   help="stop at this token id (default with no ID: 50256, <|endoftext|>)")
+    p.add_argument("--eos", type=int, nargs="?", const=EOT_ID, default=None, metavar="ID",
+                   help=f"stop at this token id (default with no ID: {EOT_ID}, <|endoftext|>)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
     p.add_argument("--quantize", choices=("none", "int8", "gguf"), default="none",
                    help="weights for decoding: float32 rows (none, default), int8 with a scale per "

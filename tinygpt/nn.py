@@ -148,11 +148,9 @@ class Module:
     def load_state_dict(self, state: dict[str, np.ndarray], strict: bool = True) -> None:
         """Copy arrays into the parameters by name; one error lists everything that does not fit."""
         params = dict(self.named_parameters())
-        missing, unexpected, misshaped = shape_mismatches(
-            {n: p.shape for n, p in params.items()}, {n: np.shape(a) for n, a in state.items()})
-        problems = [f"{label} [{', '.join(items)}]" for label, items in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-                    if items and (strict or label == "wrong shape")]
+        problems = mismatch_report(*shape_mismatches(
+            {n: p.shape for n, p in params.items()}, {n: np.shape(a) for n, a in state.items()}),
+            strict=strict)
         if problems:
             raise ValueError("state dict does not fit the model: " + "; ".join(problems))
         for name, array in state.items():
@@ -188,6 +186,16 @@ def shape_mismatches(expected: dict[str, tuple], given: dict[str, tuple]
     misshaped = [f"{n}: expected {tuple(expected[n])}, got {tuple(s)}"
                  for n, s in given.items() if n in expected and tuple(s) != tuple(expected[n])]
     return missing, unexpected, misshaped
+
+
+def mismatch_report(missing: list[str], unexpected: list[str], misshaped: list[str],
+                    strict: bool = True) -> list[str]:
+    """'missing: a, b and 3 more', 'unexpected: ...', 'wrong shape: ...': the parts of the one
+    error every weights loader raises (`strict=False` reports only wrong shapes)."""
+    from tinygpt.validate import short_list
+    return [f"{label}: {short_list(items)}" for label, items in
+            (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+            if items and (strict or label == "wrong shape")]
 
 
 def _normal(rng: np.random.Generator | None, shape: tuple[int, ...], std: float) -> Parameter:

@@ -37,16 +37,15 @@ import numpy as np
 from tinygpt.download import resolve_gpt2
 from tinygpt.fileio import write_json_atomic
 from tinygpt.model import GPT, CausalLM, GPTConfig
-from tinygpt.nn import shape_mismatches
+from tinygpt.nn import mismatch_report, shape_mismatches
 from tinygpt.safetensors import Header, load_safetensors, read_header, save_safetensors
-from tinygpt.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from tinygpt.tokenizer import EOT_ID, Tokenizer, load_tokenizer, save_tokenizer
 from tinygpt.validate import check_finite, read_json_object, short_list
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 HF_PREFIX = "transformer."                             # names written by transformers' save_pretrained
 MASK = re.compile(r"h\.\d+\.attn\.(masked_)?bias")     # causal-mask buffers in older hub files
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # tanh-form GELU, as ours
-GPT2_EOT_ID = 50256                                    # <|endoftext|>: GPT-2's bos and eos
 ROWS_PER_READ = 4096                                   # rows of lm_head compared per read (12 MB)
 
 
@@ -127,8 +126,8 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "use_cache": True,
         "vocab_size": cfg.vocab_size,
     }
-    if cfg.vocab_size > GPT2_EOT_ID:                   # GPT-2's tokenizer: <|endoftext|> both ends
-        hf["bos_token_id"] = hf["eos_token_id"] = GPT2_EOT_ID
+    if cfg.vocab_size > EOT_ID:                   # GPT-2's tokenizer: <|endoftext|> both ends
+        hf["bos_token_id"] = hf["eos_token_id"] = EOT_ID
     return hf
 
 
@@ -254,9 +253,7 @@ def _check_names(path: Path, params: dict, shapes: dict, model: GPT,
         missing.append(f"lm_head.weight {(V, C)} (config.json has tie_word_embeddings false)")
     elif head_shape is not None and head_shape != (V, C):
         misshaped.append(f"lm_head.weight: expected {(V, C)}, got {head_shape}")
-    problems = [f"{label}: {short_list(items)}" for label, items in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-                if items]
+    problems = mismatch_report(missing, unexpected, misshaped)
     if problems:
         raise ValueError(f"{path}: tensors do not fit a GPT-2 of {model.config.n_layer} layers, "
                          f"n_embd {C}: " + "; ".join(problems))

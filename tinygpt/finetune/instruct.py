@@ -29,11 +29,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tinygpt.fileio import write_json_atomic
+from tinygpt.tokenizer import EOT_ID
 from tinygpt.finetune.templates import (extract_response, format_example, format_input,
                                         format_prompt, get_template)
 
 IGNORE_INDEX = -100                     # targets the loss skips (F.cross_entropy's default)
-GPT2_END_ID = 50256                     # <|endoftext|>: the book's end and padding token
+GPT2_END_ID = EOT_ID                    # <|endoftext|>: the book's end and padding token
 RESPONSES_FILE = "instruction-data-with-response.json"
 
 
