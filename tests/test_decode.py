@@ -125,3 +125,19 @@ def test_kept_quantized_smollm2_decodes_like_transformers(shared):
     np.testing.assert_allclose(logits, expected["prompt0_logits"], rtol=1e-4, atol=1e-4)
     out = generate(model, expected["prompt0_ids"][None], 20)
     np.testing.assert_array_equal(out[0, -20:], expected["prompt0_greedy20"])
+
+
+def test_packed_generation_runs_on_the_numpy_twins_without_numba():
+    """TINYGPT_NUMBA=0 picks every decode twin, and a packed model still generates its tokens."""
+    import os
+    import subprocess
+    import sys
+    code = ("import numpy as np; from tinygpt import GPT, GPTConfig, generate, "
+            "pack_for_inference; from tinygpt import decode_kernels as dk; "
+            "assert dk.matvec_i8 is dk.matvec_i8_ref and dk.attend_one is dk.attend_one_ref; "
+            "cfg = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32); "
+            "p = np.array([[1, 2, 3]]); a = generate(GPT(cfg, seed=1), p, 10); "
+            "b = generate(pack_for_inference(GPT(cfg, seed=1)), p, 10); "
+            "assert (a == b).all(), (a, b)")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "TINYGPT_NUMBA": "0"},
+                   check=True)

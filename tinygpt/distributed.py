@@ -48,6 +48,7 @@ BUCKET_FLOATS = 1 << 22   # 16 MB per float32 all-reduce: a handful of calls for
 HASH_WHOLE_BYTES = 64 << 20   # data files up to this size are hashed whole; larger: head and tail
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")   # MPICH/Intel MPI, Open MPI, PMIx
 _ARRIVE_TAG = 7001
+ABORT_GRACE_S = 0.5         # seconds for the output forwarding to drain before MPI_Abort
 
 
 class DistributedError(RuntimeError):
@@ -115,6 +116,9 @@ class Context:
     def _abort(self) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # NOTE: mpiexec forwards each rank's output through its own pipes; aborting at once can
+        # end the job before the error just printed has reached the terminal (seen in tests)
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(1)
 
     def train_kwargs(self, loss_fn: Callable = default_loss, metrics: dict | None = None,
