@@ -106,6 +106,45 @@ def run_classifier(trainable: str, steps: int) -> dict:
     return out
 
 
+def run_torch_classifier(trainable: str, steps: int) -> dict:
+    """The same classifier step in PyTorch (`torch_reference.gpt2_block`, tinygpt's initial
+    weights): the frozen blocks under no_grad, as the book's model with requires_grad=False runs
+    them, then the trained ones, the final norm and a 2-class head on the last token."""
+    import torch
+    import torch.nn.functional as F
+
+    from tinygpt import GPT, GPTConfig
+    from tinygpt.bench import torch_reference as ref
+    torch.set_num_threads(2)
+    cfg = GPTConfig.preset("gpt2", qkv_bias=True, tie_weights=True, block_size=1024)
+    first_trained = 0 if trainable == "all" else cfg.n_layer - 1
+    w = {n: t.clone().requires_grad_(trainable == "all" or n.startswith("ln_f")
+                                     or n.startswith(f"h.{cfg.n_layer - 1}."))
+         for n, t in ref.parameters(GPT(cfg, seed=0)).items()}
+    head_w = (0.02 * torch.randn(cfg.n_embd, 2)).requires_grad_(True)
+    head_b = torch.zeros(2, requires_grad=True)
+    params = [t for t in w.values() if t.requires_grad] + [head_w, head_b]
+    opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, cfg.vocab_size, (CLS_B, CLS_T)))
+    y = torch.from_numpy(rng.integers(0, 2, CLS_B))
+
+    def step():
+        with torch.set_grad_enabled(first_trained == 0):
+            h = w["wte.weight"][x] + w["wpe.weight"][:CLS_T]
+            for i in range(first_trained):
+                h = ref.gpt2_block(h, w, f"h.{i}.", cfg.n_head)
+        for i in range(first_trained, cfg.n_layer):
+            h = ref.gpt2_block(h, w, f"h.{i}.", cfg.n_head)
+        h = F.layer_norm(h[:, -1], (cfg.n_embd,), w["ln_f.weight"], w["ln_f.bias"], 1e-5)
+        F.cross_entropy(h @ head_w + head_b, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out = _measure(step, steps, CLS_B, cfg, tokens_per_step=CLS_B * CLS_T)
+    out["trainable"] = sum(t.numel() for t in params)
+    return out
+
+
 def run_torch(preset: str, B: int, steps: int, fused_adamw: bool = False) -> dict:
     import torch
 
@@ -142,7 +181,8 @@ def _measure(step, steps: int, B: int, cfg, tokens_per_step: int | None = None) 
 
 def _child(framework: str, name: str, steps: int) -> int:
     if name.startswith("cls-"):
-        print(json.dumps(run_classifier(name[4:], steps)))
+        run = run_classifier if framework == "tinygpt" else run_torch_classifier
+        print(json.dumps(run(name[4:], steps)))
         return 0
     preset, B = CONFIGS[name]
     if framework == "tinygpt":
@@ -178,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only takes {', '.join(CONFIGS)}, classifier")
     if "classifier" in names:
         names.remove("classifier")
-        _classifier_table(args.steps)
+        _classifier_table(args.steps, _have_torch() and not args.no_torch)
         if not names:
             return 0
     try:
@@ -209,16 +249,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _classifier_table(steps: int) -> None:
-    results = {t: _spawn("tinygpt", f"cls-{t}", steps) for t in CLASSIFIER_TRAINABLE}
+def _have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _classifier_table(steps: int, have_torch: bool) -> None:
+    frameworks = ("tinygpt", "torch") if have_torch else ("tinygpt",)
+    results = {(f, t): _spawn(f, f"cls-{t}", steps) for f in frameworks
+               for t in CLASSIFIER_TRAINABLE}
     print(f"classifier step, GPT-2 124M, batch {CLS_B} x {CLS_T} tokens, 2-class head; "
-          f"{steps} timed steps after a warm-up step")
-    print(f"{'trainable':<12}{'parameters':>14}{'step s':>8}{'peak RSS MB':>13}{'time vs all':>13}")
-    full = results["all"]
-    for name, r in results.items():
-        if r is not None:
-            print(f"{name:<12}{r['trainable']:>14,}{r['step_s']:>8.2f}{r['peak_rss_mb']:>13,.0f}"
-                  f"{r['step_s'] / full['step_s']:>12.2f}x")
+          f"{steps} timed steps after a warm-up step (torch: its AdamW, no feature cache)")
+    print(f"{'framework':<10}{'trainable':<12}{'parameters':>14}{'step s':>8}{'peak RSS MB':>13}"
+          f"{'time vs all':>13}{'tinygpt/this':>14}")
+    for (framework, name), r in results.items():
+        full, ours = results[(framework, "all")], results[("tinygpt", name)]
+        if r is not None and full is not None:
+            ratio = f"{r['step_s'] / ours['step_s']:.2f}x" if framework != "tinygpt" else ""
+            print(f"{framework:<10}{name:<12}{r['trainable']:>14,}{r['step_s']:>8.2f}"
+                  f"{r['peak_rss_mb']:>13,.0f}{r['step_s'] / full['step_s']:>12.2f}x{ratio:>14}")
 
 
 if __name__ == "__main__":
