@@ -64,9 +64,8 @@ def _add_download(sub) -> None:
 
 
 def _run_download(args) -> int:
-    from tinygpt.download import download_gpt2
+    from tinygpt.download import HUB_MODELS, download_gpt2
     dest = download_gpt2(args.name, args.dir, base_url=args.base_url, progress=not args.quiet)
-    from tinygpt.download import HUB_MODELS
     print(f"{args.name}: {' and '.join(HUB_MODELS[args.name][1])} in {dest}")
     return 0
 
