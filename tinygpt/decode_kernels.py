@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from tinygpt.kernels import USE_NUMBA
+from tinygpt.kernels import pick
 
 GROUP = 32                           # weights per quantization group (GGUF's block size)
 
@@ -168,11 +168,10 @@ def attend_one_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int) -
     return y
 
 
-_pick = (lambda fast, ref: fast) if USE_NUMBA else (lambda fast, ref: ref)
-matvec_f32 = _pick(matvec_f32_numba, matvec_f32_ref)
-matvec_i8 = _pick(matvec_i8_numba, matvec_i8_ref)
-matvec_q4 = _pick(matvec_q4_numba, matvec_q4_ref)
-attend_one = _pick(attend_one_numba, attend_one_ref)
+matvec_f32 = pick(matvec_f32_numba, matvec_f32_ref)
+matvec_i8 = pick(matvec_i8_numba, matvec_i8_ref)
+matvec_q4 = pick(matvec_q4_numba, matvec_q4_ref)
+attend_one = pick(attend_one_numba, attend_one_ref)
 
 
 # --- quantizing a float32 (in, out) weight into a packed (out, in) one ------------------------------

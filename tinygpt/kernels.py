@@ -648,17 +648,22 @@ def adamw_update_numba(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarra
 # Public names: the numba kernels unless TINYGPT_NUMBA=0.
 # ---------------------------------------------------------------------------------------------
 
-_pick = (lambda fast, ref: fast) if USE_NUMBA else (lambda fast, ref: ref)
-softmax_forward = _pick(softmax_forward_numba, softmax_forward_ref)
-softmax_backward = _pick(softmax_backward_numba, softmax_backward_ref)
-layer_norm_forward = _pick(layer_norm_forward_numba, layer_norm_forward_ref)
-layer_norm_backward = _pick(layer_norm_backward_numba, layer_norm_backward_ref)
-rms_norm_forward = _pick(rms_norm_forward_numba, rms_norm_forward_ref)
-rms_norm_backward = _pick(rms_norm_backward_numba, rms_norm_backward_ref)
-gelu_forward = _pick(gelu_forward_numba, gelu_forward_ref)
-gelu_backward = _pick(gelu_backward_numba, gelu_backward_ref)
-cross_entropy_forward = _pick(cross_entropy_forward_numba, cross_entropy_forward_ref)
-cross_entropy_backward = _pick(cross_entropy_backward_numba, cross_entropy_backward_ref)
-attention_forward = _pick(attention_forward_numba, attention_forward_ref)
-attention_backward = _pick(attention_backward_numba, attention_backward_ref)
-adamw_update = _pick(adamw_update_numba, adamw_update_ref)
+def pick(fast, ref):
+    """The numba kernel, or its NumPy twin under TINYGPT_NUMBA=0 (every kernel module binds its
+    public names through this one switch)."""
+    return fast if USE_NUMBA else ref
+
+
+softmax_forward = pick(softmax_forward_numba, softmax_forward_ref)
+softmax_backward = pick(softmax_backward_numba, softmax_backward_ref)
+layer_norm_forward = pick(layer_norm_forward_numba, layer_norm_forward_ref)
+layer_norm_backward = pick(layer_norm_backward_numba, layer_norm_backward_ref)
+rms_norm_forward = pick(rms_norm_forward_numba, rms_norm_forward_ref)
+rms_norm_backward = pick(rms_norm_backward_numba, rms_norm_backward_ref)
+gelu_forward = pick(gelu_forward_numba, gelu_forward_ref)
+gelu_backward = pick(gelu_backward_numba, gelu_backward_ref)
+cross_entropy_forward = pick(cross_entropy_forward_numba, cross_entropy_forward_ref)
+cross_entropy_backward = pick(cross_entropy_backward_numba, cross_entropy_backward_ref)
+attention_forward = pick(attention_forward_numba, attention_forward_ref)
+attention_backward = pick(attention_backward_numba, attention_backward_ref)
+adamw_update = pick(adamw_update_numba, adamw_update_ref)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from tinygpt.kernels import USE_NUMBA
+from tinygpt.kernels import pick
 
 
 @dataclass(frozen=True)
@@ -249,12 +249,11 @@ def dequantize_q6_k_numba(blocks: np.ndarray) -> np.ndarray:
 # Public names: the numba kernels unless TINYGPT_NUMBA=0.
 # ---------------------------------------------------------------------------------------------
 
-_pick = (lambda fast, ref: fast) if USE_NUMBA else (lambda fast, ref: ref)
-dequantize_f16 = _pick(dequantize_f16_numba, dequantize_f16_ref)
-dequantize_q8_0 = _pick(dequantize_q8_0_numba, dequantize_q8_0_ref)
-dequantize_q4_0 = _pick(dequantize_q4_0_numba, dequantize_q4_0_ref)
-dequantize_q4_1 = _pick(dequantize_q4_1_numba, dequantize_q4_1_ref)
-dequantize_q6_k = _pick(dequantize_q6_k_numba, dequantize_q6_k_ref)
+dequantize_f16 = pick(dequantize_f16_numba, dequantize_f16_ref)
+dequantize_q8_0 = pick(dequantize_q8_0_numba, dequantize_q8_0_ref)
+dequantize_q4_0 = pick(dequantize_q4_0_numba, dequantize_q4_0_ref)
+dequantize_q4_1 = pick(dequantize_q4_1_numba, dequantize_q4_1_ref)
+dequantize_q6_k = pick(dequantize_q6_k_numba, dequantize_q6_k_ref)
 
 _DEQUANTIZE = {"F16": dequantize_f16, "Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0,
                "Q4_1": dequantize_q4_1, "Q6_K": dequantize_q6_k}
