@@ -1,7 +1,9 @@
-"""The `tinygpt` command line: `tinygpt {generate,pretrain,prepare,download,bench,gradcheck} ...`.
+"""The `tinygpt` command line: generate, pretrain, prepare, download, bench, gradcheck, and from
+`tinygpt/commands/` the fine-tunes, classify, chat, serve, evaluate and the pictures.
 
-Each subcommand is a pair `_add_NAME(subparsers)` / `_run_NAME(args)`; options for configs are built
-from the dataclass fields, so a misspelled flag is an error. Library errors (ValueError, OSError, ...)
+Each subcommand here is a pair `_add_NAME(subparsers)` / `_run_NAME(args)`; a module in
+`commands/` adds its own through `add_parsers`. Options for configs are built from the dataclass
+fields, so a misspelled flag is an error. Library errors (ValueError, OSError, ...)
 become one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
