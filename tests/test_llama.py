@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from tinygpt import no_grad
-from tinygpt.generate import generate
-from tinygpt.llama import Llama, LlamaConfig
-from tinygpt.llama_weights import _unpermute, load_gguf, load_llama, load_llama_hf, save_llama_hf
+from tinygpt.inference.generate import generate
+from tinygpt.models.llama import Llama, LlamaConfig
+from tinygpt.hub.llama import _unpermute, load_gguf, load_llama, load_llama_hf, save_llama_hf
 from tests.conftest import MODEL32_ATOL, MODEL32_RTOL
 from tests.test_nn import gradcheck_parameters, to_float64
 
