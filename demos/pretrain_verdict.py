@@ -33,7 +33,7 @@ from tinygpt.text.data import DataLoader, GPTDataset, read_text, train_val_split
 from tinygpt.hub.download import DownloadError, data_file
 from tinygpt.text.tokenizer import get_tokenizer
 from tinygpt.training.train import TrainConfig, train
-from tinygpt.hub.weights import save_pretrained
+from tinygpt.hub.pretrained import save_pretrained
 
 DEFAULT_DATA = "the-verdict.txt"        # a name in tinygpt.hub.download.DATA_FILES
 

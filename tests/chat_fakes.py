@@ -69,6 +69,6 @@ def tiny_gpt(block_size: int = 64) -> GPT:
 
 
 def save_tiny_gpt(directory) -> str:
-    from tinygpt.hub.weights import save_pretrained
+    from tinygpt.hub.pretrained import save_pretrained
     save_pretrained(tiny_gpt(), directory, tokenizer=GPT2Tokenizer())
     return str(directory)

@@ -22,7 +22,7 @@ from tinygpt.commands import cli
 from tinygpt.formats.safetensors import load_safetensors, save_safetensors
 from tinygpt.text.tokenizer import GPT2Tokenizer
 from tinygpt.core.validate import json_checksum
-from tinygpt.hub.weights import save_pretrained
+from tinygpt.hub.pretrained import save_pretrained
 
 TEXT = "".join(f"the cat {w} on the mat. a dog {w} by the door.\n"
                for w in ("sat", "ran", "lay", "hid", "sat", "ran", "ate", "sat") * 6)

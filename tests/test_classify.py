@@ -23,7 +23,7 @@ from tinygpt.finetune import classify_data as D
 from tinygpt.models.llama import Llama, LlamaConfig
 from tinygpt.models.gpt import GPT, GPTConfig
 from tinygpt.text.tokenizer import CharTokenizer, GPT2Tokenizer
-from tinygpt.hub.weights import save_pretrained
+from tinygpt.hub.pretrained import save_pretrained
 
 SMS = "data/SMSSpamCollection"
 GGUF = "fixtures/smollm2-135m-instruct/model.gguf"
@@ -260,7 +260,7 @@ def test_a_short_run_learns_spam_well_above_the_majority_class(shared, tmp_path,
     info = json.loads((out / "classifier.json").read_text())
     assert info["label_names"] == ["ham", "spam"] and info["max_length"] == 120
     # the classifier's folder is also a GPT-2 hub folder: every command can load the backbone
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     backbone, tok = load_pretrained(out)
     assert isinstance(tok, GPT2Tokenizer) and backbone.config.n_embd == 16
 

@@ -299,7 +299,7 @@ def test_download_and_load_a_smollm2_hub_folder(hub, tmp_path, shared, capsys):
     assert cli_main(argv) == 0
     assert "tokenizer.json" in capsys.readouterr().out
     from tinygpt.models.llama import Llama
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     model, tok = load_pretrained("smollm2-135m-instruct", tmp_path, download=False)
     assert isinstance(model, Llama) and tok.encode("Every effort moves you") == [8600, 3867,
                                                                                   7488, 346]

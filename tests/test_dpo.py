@@ -239,7 +239,7 @@ def test_reduction_of_reference_and_loss_must_agree():
 @pytest.fixture
 def tiny_run(tmp_path):
     """A saved tiny GPT with GPT-2's tokenizer and 40 preference entries (alpaca prompts)."""
-    from tinygpt.hub.weights import save_pretrained
+    from tinygpt.hub.pretrained import save_pretrained
     entries = [dict(ENTRIES[i % 8], instruction=f"Task {i}") for i in range(40)]
     tok = GPT2Tokenizer()
     cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16)

@@ -11,7 +11,7 @@ from tinygpt.finetune.instruct import (InstructionDataset, collate, end_token_id
                                        save_responses, split_instruction_data)
 from tinygpt.text.templates import format_prompt
 from tinygpt.text.tokenizer import get_tokenizer
-from tinygpt.hub.weights import save_pretrained
+from tinygpt.hub.pretrained import save_pretrained
 
 E = 50256
 ENTRIES = [{"instruction": f"Say {w}.", "input": "" if i % 2 else "loudly", "output": w}

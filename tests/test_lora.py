@@ -18,7 +18,8 @@ from tinygpt.autograd.gradcheck import gradcheck
 from tinygpt.models.llama import Llama, LlamaConfig
 from tinygpt.models.nn import Linear
 from tinygpt.training.train import TrainConfig, train
-from tinygpt.hub.weights import load_gpt2, save_pretrained
+from tinygpt.hub.gpt2 import load_gpt2
+from tinygpt.hub.pretrained import save_pretrained
 
 MERGE_ATOL = 1e-5        # the bound: merged vs unmerged float32 logits
 

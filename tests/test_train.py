@@ -433,7 +433,7 @@ def test_cli_generate_from_an_unfinished_run_says_resume(tiny_run, tmp_path, cap
 
 
 def test_cli_pretrain_accepts_a_hugging_face_config_json(tiny_run, tmp_path, capsys):
-    from tinygpt.hub.weights import config_to_hf
+    from tinygpt.hub.gpt2 import config_to_hf
     _, model_json, argv = tiny_run
     hf = config_to_hf(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16,
                                 tie_weights=True))

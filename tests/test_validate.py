@@ -10,7 +10,7 @@ from tinygpt import GPT, GPTConfig
 from tinygpt.training.checkpoint import prepare_run_dir
 from tinygpt.inference.generate import generate
 from tinygpt.models.llama import Llama, LlamaConfig
-from tinygpt.hub.llama import load_llama_hf, save_llama_hf
+from tinygpt.hub.llama import load_llama_hf, save_hub
 from tinygpt.training.train import TrainConfig
 from tinygpt.core.validate import (check_fields, check_number, check_text, read_json_object,
                               short_list)
@@ -96,13 +96,13 @@ LLAMA = dict(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_e
 def test_llama_nan_weight_is_named(tmp_path):
     model = Llama(LlamaConfig(**LLAMA))
     dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"].data[0, 0] = np.nan
-    save_llama_hf(model, tmp_path / "m")
+    save_hub(model, tmp_path / "m")
     with pytest.raises(ValueError, match=r"model.safetensors: tensor model.layers.0.mlp.up_proj"):
         load_llama_hf(tmp_path / "m")
 
 
 def test_llama_config_far_larger_than_its_file_is_named_before_allocating(tmp_path):
-    save_llama_hf(Llama(LlamaConfig(**LLAMA)), tmp_path / "m")
+    save_hub(Llama(LlamaConfig(**LLAMA)), tmp_path / "m")
     path = tmp_path / "m" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "vocab_size": 10**15}))
     with pytest.raises(ValueError, match="vocab_size 1000000000000000"):

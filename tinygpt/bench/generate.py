@@ -147,7 +147,7 @@ def _stream_gbs(n_bytes: int) -> float:
 def _run_child(args) -> dict:
     if args.child == "export":
         from tinygpt.models.gpt import GPT, GPTConfig
-        from tinygpt.hub.weights import save_pretrained
+        from tinygpt.hub.pretrained import save_pretrained
         save_pretrained(GPT(GPTConfig.preset("gpt2", qkv_bias=True, tie_weights=True)), args.model)
         return {}
     if args.child == "torch":
@@ -156,7 +156,7 @@ def _run_child(args) -> dict:
 
 
 def _load(args, mode: str):
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     pack = {"blas": None}.get(mode, mode)
     return load_pretrained(args.model, download=False, pack=pack)
 

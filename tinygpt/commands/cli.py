@@ -165,7 +165,7 @@ def _generate_model(args):
             raise CLIError("--quantize gguf needs a .gguf --model")
         from tinygpt.inference.pack import pack_for_inference
         return pack_for_inference(model, None if args.quantize == "none" else "int8"), tok
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     pack = {"none": "float32"}.get(args.quantize, args.quantize)
     return load_pretrained(args.model, args.dir, download=False, pack=pack)
 
@@ -295,7 +295,8 @@ def _pretrain(args, ctx) -> int:
     from tinygpt.training import distributed
     from tinygpt.text.data import pretrain_data
     from tinygpt.training.train import TrainConfig, TrainingDiverged, train
-    from tinygpt.hub.weights import config_from_json, save_pretrained
+    from tinygpt.hub.gpt2 import config_from_json
+    from tinygpt.hub.pretrained import save_pretrained
     from tinygpt.core.validate import check_number
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.dropout is not None:

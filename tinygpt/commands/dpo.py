@@ -130,7 +130,7 @@ def run(args) -> int:
     from tinygpt.finetune.dpo import DPOObjective, count_tokens
     from tinygpt.finetune.instruct import generate_responses
     from tinygpt.training.train import TrainConfig, train
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     _check_args(args)
     objective = DPOObjective(args.beta, args.reduction)
     start = time.perf_counter()

@@ -153,7 +153,7 @@ def run(args) -> int:
     from tinygpt.finetune.instruct import RESPONSES_FILE, generate_responses, respond, \
         save_responses
     from tinygpt.training.train import TrainConfig, evaluate, train
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     _check_args(args)
     data_path = _data_path(args)
     start = time.perf_counter()

@@ -53,7 +53,7 @@ def _add_attention(sub) -> None:
 
 def run_attention(args) -> int:
     plots = _plots()
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     model, tok = load_pretrained(args.model, download=False)
     layers = None if args.all_layers else [args.layer]
     maps = plots.plot_attention(model, tok, args.prompt, args.out, layers)

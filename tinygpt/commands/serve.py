@@ -34,7 +34,7 @@ def load_model(spec: str, quantize: str = "none") -> tuple[object, object, str]:
     (`weights.load_pretrained`: a .gguf file, a Llama or GPT-2 folder, a run, a GPT-2 name).
     Llama models are chat models (chatml); GPT-2 models get the book's alpaca template."""
     from tinygpt.models.llama import Llama
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     pack = {"none": "float32"}.get(quantize, quantize)
     model, tok = load_pretrained(spec, download=False, pack=pack)
     return model, tok, "chatml" if isinstance(model, Llama) else "alpaca"

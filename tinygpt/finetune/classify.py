@@ -385,7 +385,7 @@ def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
         from tinygpt.finetune.lora import unload
         unload(model)                # adapters merged into plain Linears: the hub layout's names
     backbone = model.backbone
-    from tinygpt.hub.weights import save_pretrained          # GPT-2 or Llama hub layout
+    from tinygpt.hub.pretrained import save_pretrained          # GPT-2 or Llama hub layout
     save_pretrained(backbone, out, tokenizer)
     save_safetensors({"head.weight": model.head.weight.data, "head.bias": model.head.bias.data},
                      out / HEAD_FILE)
@@ -422,7 +422,7 @@ def load_classifier(model_dir: str | os.PathLike) -> tuple[Classifier, object, d
 def load_backbone(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights"):
     """(language model, tokenizer) from a GPT-2 name or folder, a Llama hub folder or a `.gguf`
     file: `weights.load_pretrained`, the loader every command shares."""
-    from tinygpt.hub.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     return load_pretrained(path_or_name, dir)
 
 

@@ -21,10 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from tinygpt.core.fileio import write_json_atomic
+from tinygpt.formats.gguf import dequantize, read_gguf
+from tinygpt.inference.pack import pack_for_inference
 from tinygpt.models.llama import Llama, LlamaConfig
 from tinygpt.models.nn import mismatch_report, shape_mismatches
 from tinygpt.formats.safetensors import load_safetensors, save_safetensors
 from tinygpt.core.validate import check_finite, read_json_object
+from tinygpt.text.hf_tokenizer import HFTokenizer
 
 # llama.cpp's tensor names -> ours (Hugging Face's); {i} is the layer
 GGUF_NAMES = {
@@ -94,14 +97,12 @@ def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> Llama:
     """A Llama with the weights of a GGUF file, each dequantized to float32 once; or, with
     `keep_quantized`, packed for generation (`inference.PackedWeight.from_gguf`: Q8_0 and Q4_1
     blocks stay quantized), a model that generates but does not train."""
-    from tinygpt.formats.gguf import read_gguf
     path = Path(path)
     return _load_gguf(path, *read_gguf(path), keep_quantized=keep_quantized)
 
 
 def _load_gguf(path: Path, metadata: dict, tensors: dict, keep_quantized: bool = False,
                pack: str | None = None) -> Llama:
-    from tinygpt.formats.gguf import dequantize
     cfg = config_from_gguf({**metadata, "_tensor_names": tuple(tensors)}, str(path))
     model = Llama(cfg, init=False)
     params = dict(model.named_parameters())
@@ -133,7 +134,6 @@ def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None, pack: str |
     """Put matrix `t` in the place of parameter `name`, packed (out, in) for generation: as the
     file's blocks (pack None), or dequantized to "float32" or "int8" rows. GGUF's matrices are
     already rows per output, so nothing is transposed."""
-    from tinygpt.formats.gguf import dequantize
     from tinygpt.inference.pack import PackedWeight
     if pack is None:
         packed = PackedWeight.from_gguf(t)
@@ -173,26 +173,27 @@ def _check_fit(path: Path, params: dict, shapes: dict) -> None:
         raise ValueError(f"{path}: weights do not fit the Llama config: " + "; ".join(problems))
 
 
-def load_llama_pretrained(path: str | os.PathLike, pack: str | None = None):
-    """(Llama in eval mode, its tokenizer) from a `.gguf` file (the tokenizer from its metadata)
-    or a hub folder (its `tokenizer.json`); `pack` as in `weights.load_pretrained`."""
-    from tinygpt.text.hf_tokenizer import HFTokenizer
+MODEL_TYPE, MODEL = "llama", Llama      # the adapter interface `pretrained.py` dispatches on
+
+
+def load_gguf_file(path: Path, metadata: dict, tensors: dict, pack: str | None = None
+                   ) -> tuple[Llama, HFTokenizer]:
+    """(Llama in eval mode, the tokenizer in its metadata) from a read GGUF file; `pack` as in
+    `pretrained.load_pretrained` ("gguf" keeps the quantized blocks)."""
+    tokenizer = HFTokenizer.from_gguf_metadata(metadata, source=str(path))
+    model = _load_gguf(Path(path), metadata, tensors, keep_quantized=pack == "gguf",
+                       pack=None if pack == "gguf" else pack)
+    return model.eval(), tokenizer
+
+
+def load_hub(path: str | os.PathLike, pack: str | None = None) -> tuple[Llama, HFTokenizer]:
+    """(Llama in eval mode, its tokenizer.json) from a hub folder."""
     path = Path(path)
-    if path.suffix == ".gguf" or path.is_file():
-        from tinygpt.formats.gguf import read_gguf
-        metadata, tensors = read_gguf(path)
-        tokenizer = HFTokenizer.from_gguf_metadata(metadata, source=str(path))
-        model = _load_gguf(path, metadata, tensors, keep_quantized=pack == "gguf",
-                           pack=None if pack == "gguf" else pack)
-        return model.eval(), tokenizer
-    if pack == "gguf":
-        raise ValueError(f"{path}: pack 'gguf' keeps a GGUF file's blocks; this is a folder")
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path}: a Llama folder needs its tokenizer.json")
     tokenizer = HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
     model = load_llama_hf(path)
     if pack is not None:
-        from tinygpt.inference.pack import pack_for_inference
         pack_for_inference(model, None if pack == "float32" else pack)
     return model.eval(), tokenizer
 
@@ -223,7 +224,7 @@ def load_llama_hf(dir: str | os.PathLike) -> Llama:
     return model
 
 
-def save_llama_hf(model: Llama, dir: str | os.PathLike) -> Path:
+def save_hub(model: Llama, dir: str | os.PathLike) -> Path:
     """Write config.json + model.safetensors in the hub layout transformers reads."""
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
@@ -243,4 +244,4 @@ def load_llama(path: str | os.PathLike) -> Llama:
     return load_llama_hf(path)
 
 
-__all__ = ["load_llama", "load_gguf", "load_llama_hf", "save_llama_hf", "config_from_gguf"]
+__all__ = ["load_llama", "load_gguf", "load_llama_hf", "save_hub", "config_from_gguf"]

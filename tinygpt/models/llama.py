@@ -14,7 +14,7 @@ KV cache holds 3).
     logits = rms_norm(x) * norm @ head                             (B, T, V)
 
 Attribute names are Hugging Face's (`model.layers.3.self_attn.q_proj.weight`), so a hub checkpoint
-loads by name; `Linear` keeps its (in, out) layout, and `llama_weights.py` transposes on load.
+loads by name; `Linear` keeps its (in, out) layout, and `hub/llama.py` transposes on load.
 The forward pass, loss, KV cache and generation are `CausalLM`'s, shared with GPT.
 
     python -c "from tinygpt.models.llama import *; print(Llama(LlamaConfig.preset('smollm2-135m')).num_parameters())"

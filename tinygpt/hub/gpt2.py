@@ -4,8 +4,9 @@ This module owns the mapping between a hub checkpoint directory (`model.safetens
 `config.json`) and a `GPT`: the config translation, the name and shape checks, and reading the
 tensors straight into the model's own arrays. Every trained model is saved the same way, with the
 tokenizer it used beside it (`save_pretrained(model, dir, tokenizer)`), so `load_pretrained` takes
-a training run, a hub-layout folder or a GPT-2 name alike. The file format itself is
-`safetensors.py`'s; finding or downloading the directory is `download.py`'s.
+a training run, a hub-layout folder or a GPT-2 name alike: this is the GPT-2 adapter that
+`pretrained.py` dispatches to. The file format itself is `formats/safetensors.py`'s; finding or
+downloading the directory is `download.py`'s.
 
 The mapping is almost the identity, because our attribute names are GPT-2's and `Linear.weight` is
 stored (in, out) like GPT-2's Conv1D:
@@ -22,7 +23,7 @@ Memory: a 124M model is 498 MB of float32. We build the model once and read each
 from the file directly into its parameter array (`readinto`), so the weights are never held twice
 (a memory map would add the file's pages to the resident set as they are copied).
 
-    python -c "from tinygpt.hub.weights import load_gpt2; print(load_gpt2('gpt2').config)"
+    python -c "from tinygpt.hub.gpt2 import load_gpt2; print(load_gpt2('gpt2').config)"
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ import numpy as np
 
 from tinygpt.hub.download import resolve_gpt2
 from tinygpt.core.fileio import write_json_atomic
-from tinygpt.models.gpt import GPT, CausalLM, GPTConfig
+from tinygpt.models.gpt import GPT, GPTConfig
 from tinygpt.models.nn import mismatch_report, shape_mismatches
 from tinygpt.formats.safetensors import Header, load_safetensors, read_header, save_safetensors
-from tinygpt.text.tokenizer import EOT_ID, Tokenizer, load_tokenizer, save_tokenizer
+from tinygpt.text.tokenizer import EOT_ID, Tokenizer, load_tokenizer
 from tinygpt.core.validate import check_finite, read_json_object, short_list
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -133,6 +134,14 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 
 # --- loading --------------------------------------------------------------------------------------
 
+MODEL_TYPE, MODEL = "gpt2", GPT          # the adapter interface `pretrained.py` dispatches on
+
+
+def load_hub(directory: str | os.PathLike, pack: str | None = None) -> tuple[GPT, Tokenizer]:
+    """(GPT-2 in eval mode, the tokenizer saved beside it, else GPT-2's) from a hub folder."""
+    return load_gpt2(directory, pack=pack), load_tokenizer(directory)
+
+
 def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights", *,
               download: bool = True, pack: str | None = None) -> GPT:
     """GPT-2 from a checkpoint directory or a name (gpt2, gpt2-medium, ...), in eval mode.
@@ -154,37 +163,6 @@ def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights
         on_tensor = packer(model, pack)
     load_weights(model, directory / WEIGHTS_FILE, on_tensor)
     return model.eval()
-
-
-def load_pretrained(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights", *,
-                    download: bool = True, pack: str | None = None) -> tuple[CausalLM, Tokenizer]:
-    """(model in eval mode, its tokenizer) from anything a command's `--model` names: a training
-    run's folder, a hub-layout folder (GPT-2 or Llama), a `.gguf` file, or a GPT-2 name (see
-    `load_gpt2`); GPT-2's tokenizer where a GPT-2 folder names none.
-
-    `pack` readies the model for generation only (`inference.py`): "float32" or "int8" rows, or
-    "gguf" to keep a GGUF file's quantized blocks.
-    """
-    path = Path(path_or_name)
-    if path.suffix != ".gguf":
-        if pack == "gguf":
-            raise ValueError(f"{path}: pack 'gguf' keeps a GGUF file's blocks; this is not a "
-                             ".gguf")
-        if _model_type(path) != "llama":          # a GPT-2 folder or run, or a model's name
-            path = resolve_gpt2(path_or_name, dir, download=download)
-    if path.suffix == ".gguf" or _model_type(path) == "llama":
-        from tinygpt.hub.llama import load_llama_pretrained
-        return load_llama_pretrained(path, pack=pack)
-    return load_gpt2(path, pack=pack), load_tokenizer(path)
-
-
-def _model_type(path: Path) -> str | None:
-    """`model_type` of a folder's config.json, or None when there is none to read (the GPT-2
-    loader then reads it again and says what is wrong with it)."""
-    try:
-        return read_json_object(path / CONFIG_FILE).get("model_type")
-    except (OSError, ValueError):
-        return None
 
 
 def _check_config_fits(directory: Path, cfg: GPTConfig, header: Header) -> None:
@@ -296,29 +274,14 @@ def _check_tied_head(f: BinaryIO, path: Path, header: Header, name: str, wte: np
 
 # --- saving ---------------------------------------------------------------------------------------
 
-def save_pretrained(model: CausalLM, dir: str | os.PathLike,
-                    tokenizer: Tokenizer | None = None) -> Path:
-    """Write `model` as `dir/model.safetensors` + `dir/config.json` in the hub's GPT-2 layout (a
-    Llama in the hub's Llama layout, `llama_weights.save_llama_hf`), and `tokenizer` (if given)
-    beside them, so `load_pretrained(dir)` gets both back.
+def save_hub(model: GPT, directory: str | os.PathLike) -> Path:
+    """Write `model` as `directory/model.safetensors` + `config.json` in the hub's GPT-2 layout.
 
     Names carry no prefix and weights stay (in, out), as in the hub file; float32. A model without
     qkv bias gets zero c_attn biases (same function). An untied head is written as HF's
-    `lm_head.weight` [V, C] with `tie_word_embeddings: false`. Frozen parameters are saved like
-    the others. Each file is replaced atomically.
+    `lm_head.weight` [V, C] with `tie_word_embeddings: false`.
     """
-    if not isinstance(model, GPT):
-        from tinygpt.hub.llama import save_llama_hf
-        directory = save_llama_hf(model, dir)
-    else:
-        directory = _save_gpt2(model, Path(dir))
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, directory)
-    return directory
-
-
-def _save_gpt2(model: GPT, directory: Path) -> Path:
-    cfg = model.config
+    directory, cfg = Path(directory), model.config
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.asarray(p.data, np.float32) for name, p in model.named_parameters()}
     if model.lm_head is not None:
