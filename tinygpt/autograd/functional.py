@@ -278,7 +278,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_head: int, n_kv_head: int | Non
 
 
 # --- Tensor operators ------------------------------------------------------------------------------
-# Tensor (autograd.py) has no arithmetic of its own: this one block attaches it, so the op
+# Tensor (tensor.py) has no arithmetic of its own: this one block attaches it, so the op
 # definitions above stay the only place the math lives.
 
 def _attach() -> None:

@@ -1,4 +1,4 @@
-"""Fused ops: the `Function`s whose forward and backward call numba kernels (`kernels.py`).
+"""Fused ops: the `Function`s whose forward and backward call numba kernels (`tinygpt/kernels/`).
 
 Softmax, log-softmax, LayerNorm, GELU, cross-entropy and causal attention each do in one or two
 passes over memory what a chain of primitive ops would do in many, and keep only what their

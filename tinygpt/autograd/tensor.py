@@ -59,7 +59,7 @@ class Tensor:
 
     `data` is the np.ndarray; `grad` is None or an array of the same shape and dtype. A tensor made
     by an op remembers that op in `_ctx` (its `Context`, which knows the inputs). Arithmetic
-    (`+ - * / @ ** [] .sum() ...`) is attached at the bottom of ops.py, in one visible block.
+    (`+ - * / @ ** [] .sum() ...`) is attached at the bottom of functional.py, in one visible block.
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_ctx", "_retains_grad", "__weakref__")

@@ -2,7 +2,7 @@
 
 This module owns the file format: header parsing and strict validation, tensor views into a
 read-only memory map, dtype conversion (F16 and BF16 become float32), and atomic writes. It knows
-nothing about GPT-2 names or shapes; `weights.py` does the lookups and shape checks on top.
+nothing about GPT-2 names or shapes; `hub/gpt2.py` does the lookups and shape checks on top.
 
 The format (https://github.com/huggingface/safetensors), byte by byte:
 

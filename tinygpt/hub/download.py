@@ -6,7 +6,7 @@ directory (a training run, a hub-layout folder) into a folder that holds both, p
 already on disk (a folder you made, an earlier download, or a Hugging Face cache snapshot) over the
 network. `data_file` finds a default text (tiny-shakespeare, the book's the-verdict.txt) in
 ../shared/data or tinygpt's cache, else downloads it into the cache from its public home. Reading
-the files is left to `safetensors.py` and `weights.py`. Uses only the standard library and tqdm.
+the files is left to `formats/safetensors.py` and the family adapters (`gpt2.py`, `llama.py`). Uses only the standard library and tqdm.
 
 How a file arrives, so an interrupted or corrupt download never sits under the final name:
 bytes go to `<file>.part`; a rerun continues it with an HTTP Range request (a server that answers

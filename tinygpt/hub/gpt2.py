@@ -149,7 +149,7 @@ def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights
     Names are looked up in `dir/<name>/` and the Hugging Face cache, then downloaded
     (`download=False` raises FileNotFoundError instead, naming `tinygpt download <name>`).
     `pack="float32"` or `"int8"` packs each weight for generation as soon as it is read
-    (`inference.py`), so the float32 training layout never exists whole.
+    (`inference/pack.py`), so the float32 training layout never exists whole.
     """
     directory = resolve_gpt2(path_or_name, dir, download=download)
     cfg = _config_from_hf_file(read_json_object(directory / CONFIG_FILE, "config.json"),

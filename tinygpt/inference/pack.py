@@ -2,7 +2,7 @@
 
 `pack_for_inference(model, quantize=None | "int8")` replaces every `Linear` weight (in, out) and
 the token embedding by a `PackedWeight` that holds it **once** in the (out, in) layout that
-`decode_kernels.py` streams; the float32 (in, out) copy is dropped as each tensor is packed, so
+`kernels/decode.py` streams; the float32 (in, out) copy is dropped as each tensor is packed, so
 no more than one float32 tensor exists at a time beyond the packed ones. A tied head reads the
 packed embedding. The packed model generates (`generate`, `chat`, `serve`) but cannot train:
 its Linears have no `weight` Parameter any more.
