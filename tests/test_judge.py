@@ -5,9 +5,9 @@ import json
 import pytest
 
 from tests.judge_fakes import ENTRIES, fake_judges, free_port, ollama_says, openai_says
-from tinygpt.cli import main
-from tinygpt.judge import (JudgeError, endpoint, judge_prompt, query_with_retries,
-                           score_responses)
+from tinygpt.apps.judge import (JudgeError, endpoint, judge_prompt, query_with_retries,
+                                score_responses)
+from tinygpt.commands.cli import main
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from tests.judge_fakes import ENTRIES, dripping, fake_judges, ollama_says, openai_says
-from tinygpt.cli import main
-from tinygpt.judge import (MAX_ANSWER_BYTES, MAX_WAIT, JudgeError, parse_score, query,
-                           query_with_retries, retry_wait, score_responses)
+from tinygpt.apps.judge import (MAX_ANSWER_BYTES, MAX_WAIT, JudgeError, parse_score, query,
+                                query_with_retries, retry_wait, score_responses)
+from tinygpt.commands.cli import main
 
 HEAD = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n"
 NOT_DONE = (json.dumps({"message": {"role": "assistant", "content": ""}, "done": False})

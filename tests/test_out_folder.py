@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.chat_fakes import save_tiny_gpt
-from tinygpt import cli
-from tinygpt.checkpoint import RUN_FILES
-from tinygpt.commands import MODEL_FILES
+from tinygpt.commands import MODEL_FILES, cli
+from tinygpt.training.checkpoint import RUN_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = {"instruction": "Say hi.", "input": "", "output": "hi", "chosen": "hi", "rejected": "no"}
@@ -89,7 +88,7 @@ def test_instruct_and_dpo_keep_a_users_files(gpt, tmp_path, capsys, cmd, extra):
 def test_bad_data_is_one_line_and_exit_2_from_the_real_cli(gpt, tmp_path):
     out, data = tmp_path / "out", tmp_path / "prefs.json"
     data.write_bytes(b'[{"instruction": "\xff"}]')
-    users = user_folder(out)
+    user_folder(out)
     done = run_cli("finetune-dpo", "--model", gpt, "--data", str(data), "--out", str(out))
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"{data}: not UTF-8 text" in done.stderr

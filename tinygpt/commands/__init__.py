@@ -14,7 +14,7 @@ def check_out(out: str | Path, *own: str) -> None:
     """Before any work: refuse an --out folder holding a file a fine-tuning command would write
     (the training loop's, the model's, and `own`: the command's own results), so a user's files
     there are never overwritten; other files in it are left alone."""
-    from tinygpt.checkpoint import RUN_FILES, check_new_run_dir
+    from tinygpt.training.checkpoint import RUN_FILES, check_new_run_dir
     check_new_run_dir(out, (*RUN_FILES, *MODEL_FILES, *own))
 
 
@@ -27,6 +27,6 @@ def save_finetuned(model, out: str | Path, tokenizer, lora_rank: int, base_name:
         from tinygpt.finetune.lora import save_adapter
         save_adapter(model, Path(out), base_name=base_name, **adapter)
         return f"LoRA adapters saved in {out}"
-    from tinygpt.weights import save_pretrained
+    from tinygpt.hub.pretrained import save_pretrained
     save_pretrained(model, out, tokenizer=tokenizer)
     return f"model saved in {out}"

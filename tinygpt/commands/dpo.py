@@ -129,11 +129,11 @@ def _datasets(args, tokenizer, model):
 
 def run(args) -> int:
     from tinygpt.commands import check_out
-    from tinygpt.data import DataLoader
+    from tinygpt.text.data import DataLoader
     from tinygpt.finetune.dpo import DPOObjective, count_tokens
     from tinygpt.finetune.instruct import generate_responses
-    from tinygpt.train import TrainConfig, train
-    from tinygpt.weights import load_pretrained
+    from tinygpt.training.train import TrainConfig, train
+    from tinygpt.hub.pretrained import load_pretrained
     _check_args(args)
     check_out(args.out, RESPONSES_FILE)
     objective = DPOObjective(args.beta, args.reduction)
@@ -178,7 +178,7 @@ def run(args) -> int:
 
 
 def _save(args, model, tokenizer, shown: list[dict], before: list[str], after: list[str]) -> None:
-    from tinygpt.fileio import write_json_atomic
+    from tinygpt.core.fileio import write_json_atomic
     out = Path(args.out)
     write_json_atomic(out / RESPONSES_FILE,
                       [{**e, "response_before": b, "response_after": a}
