@@ -278,6 +278,72 @@ CASES = [
 ]
 
 
+FINETUNE = {"finetune-classifier": ["--epochs", "1", "--batch-size", "2", "--quiet"],
+            "finetune-instruct": ["--batch-size", "2", "--max-steps", "1", "--sample-tokens", "0",
+                                  "--max-new-tokens", "1"],
+            "finetune-dpo": ["--batch-size", "2", "--max-steps", "1", "--responses", "0"]}
+ENTRY = {"instruction": "Say hi.", "input": "", "output": "hi", "chosen": "hi", "rejected": "no"}
+SPAM = "".join(f"{'spam' if i % 2 else 'ham'}\ttext number {i}\n" for i in range(12))
+
+
+def finetune(cmd: str, p: Paths, data: str | bytes, name: str = "d.json",
+             **user_files: str) -> list[str]:
+    """A fine-tune command on the tiny model with `data` in file `name`, into an --out folder
+    that already holds a user's notes.txt (and `user_files`, dots spelled _: config_json=...):
+    whatever fails, the folder must come out as it went in."""
+    p.write("out/notes.txt", "my own notes\n")
+    for file, content in user_files.items():
+        p.write(f"out/{file.replace('_', '.')}", content)
+    return [cmd, "--model", str(p.gpt), "--data", str(p.write(name, data)), "--out",
+            str(p.tmp / "out"), *FINETUNE[cmd]]
+
+
+def evaluate(p: Paths, *flags: str) -> list[str]:
+    return ["evaluate", "--responses", str(p.write("r.json", json.dumps([ENTRY]))), *flags]
+
+
+CASES += [
+    # bad data for the fine-tune commands: file, row or field named; --out left as it was
+    ("classifier-empty", lambda p: finetune("finetune-classifier", p, "", "e.txt"),
+     "e.txt: no rows"),
+    ("classifier-one-class", lambda p: finetune("finetune-classifier", p, "ham\ta\nham\tb\n",
+                                                "d.txt"), "every row has label 'ham'"),
+    ("classifier-no-label-column", lambda p: finetune(
+        "finetune-classifier", p, '{"text": "a"}\n', "d.jsonl"), "d.jsonl: no label column"),
+    ("classifier-row-without-label", lambda p: finetune(
+        "finetune-classifier", p, '{"text": "a", "label": "x"}\n{"text": "b"}\n', "d.jsonl"),
+     "d.jsonl: row 2 has an empty or missing label"),
+    ("classifier-not-utf8", lambda p: finetune("finetune-classifier", p, b"ham\t\xff\n",
+                                               "d.txt"), "d.txt: not UTF-8"),
+    ("classifier-too-few-rows", lambda p: finetune("finetune-classifier", p, "".join(
+        SPAM.splitlines(True)[:4]), "d.txt"),
+     "leave the validation split empty"),
+    ("classifier-out-holds-config", lambda p: finetune(
+        "finetune-classifier", p, SPAM, "d.txt", config_json='{"mine": 1}'),
+     "already holds config.json, which this run would overwrite"),
+    ("classifier-out-is-a-file", lambda p: ["finetune-classifier", "--model", str(p.gpt),
+                                            "--data", str(p.write("d.txt", SPAM)), "--out",
+                                            str(p.write("out", "a file"))], "is a file"),
+    ("instruct-empty", lambda p: finetune("finetune-instruct", p, ""), "d.json: the file is empty"),
+    ("instruct-no-output", lambda p: finetune("finetune-instruct", p, json.dumps(
+        [ENTRY, {"instruction": "x"}])), "d.json: entry 1 has no 'output' text"),
+    ("instruct-not-utf8", lambda p: finetune("finetune-instruct", p, b'[{"\xff": 1}]'),
+     "d.json: not UTF-8"),
+    ("instruct-out-holds-log", lambda p: finetune("finetune-instruct", p, json.dumps([ENTRY] * 20),
+                                                  log_csv="my,columns\n"), "log.csv"),
+    ("dpo-empty", lambda p: finetune("finetune-dpo", p, ""), "d.json: the file has no entries"),
+    ("dpo-no-rejected", lambda p: finetune("finetune-dpo", p, json.dumps(
+        [{"instruction": "x", "chosen": "y"}])), "d.json: entry 0 has no 'rejected' text"),
+    ("dpo-not-utf8", lambda p: finetune("finetune-dpo", p, b'[{"\xff": 1}]'), "d.json: not UTF-8"),
+    ("dpo-out-holds-weights", lambda p: finetune("finetune-dpo", p, json.dumps([ENTRY] * 20),
+                                                 model_safetensors="mine"), "model.safetensors"),
+    # the judge's flags: bounded, not only finite
+    ("evaluate-timeout-1e300", lambda p: evaluate(p, "--timeout", "1e300"), "--timeout"),
+    ("evaluate-backoff-1e300", lambda p: evaluate(p, "--backoff", "1e300"), "--backoff"),
+    ("evaluate-retries-100", lambda p: evaluate(p, "--retries", "100"), "--retries"),
+]
+
+
 def _with_file(p: Paths, name: str, content: str) -> Path:
     d = p.copy(p.gpt, "g")
     (d / name).write_text(content)

@@ -1,91 +1,18 @@
 """The judge against fake servers on 127.0.0.1: both wire formats, a slow one, one that answers
 prose, one that is down, one without the model; and the `evaluate` command."""
 import json
-import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tinygpt.commands.cli import main
+from tests.judge_fakes import ENTRIES, fake_judges, free_port, ollama_says, openai_says
 from tinygpt.apps.judge import (JudgeError, endpoint, judge_prompt, query_with_retries,
-                           score_responses)
-
-ENTRIES = [
-    {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
-     "output": "The car is as fast as lightning.",
-     "model_response": "The car is as fast as a bullet."},
-    {"instruction": "What type of cloud is typically associated with thunderstorms?", "input": "",
-     "output": "The type of cloud typically associated with thunderstorms is cumulonimbus.",
-     "model_response": "The type of cloud associated with thunderstorms is a cumulus cloud."},
-]
-
-
-class FakeJudge:
-    """A judge on 127.0.0.1 whose answers come from `answer(body) -> (status, lines)`; records
-    each request's path and JSON body."""
-
-    def __init__(self, answer, delay: float = 0.0):
-        self.requests, self.answer, self.delay = [], answer, delay
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append((self.path, body))
-                time.sleep(fake.delay)
-                status, lines = fake.answer(body)
-                data = "".join(lines).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except OSError:                 # the client timed out and left
-                    pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+                                score_responses)
+from tinygpt.commands.cli import main
 
 
 @pytest.fixture
 def judge():
-    servers = []
-
-    def start(answer, delay=0.0):
-        servers.append(FakeJudge(answer, delay))
-        return servers[-1]
-    yield start
-    for s in servers:
-        s.close()
-
-
-def ollama_says(*pieces):
-    """Ollama's NDJSON stream: one line per piece, then the done line."""
-    lines = [json.dumps({"model": "llama3", "message": {"role": "assistant", "content": p},
-                         "done": False}) + "\n" for p in pieces]
-    return 200, lines + [json.dumps({"model": "llama3", "done": True}) + "\n"]
-
-
-def openai_says(text):
-    return 200, [json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
-                                                                   "content": text}}]})]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    yield from fake_judges()
 
 
 def no_sleep(waits):
@@ -180,10 +107,11 @@ def test_slow_judge_within_the_timeout(judge):
 def test_too_slow_judge_is_retried_then_one_line(judge):
     fake = judge(lambda body: ollama_says("77"), delay=1.0)
     waits = []
-    with pytest.raises(JudgeError, match="cannot reach the judge.*timed out.*ollama serve") as e:
+    with pytest.raises(JudgeError, match=r"no whole answer within 0.2 s \(3 tries\).*--timeout") \
+            as e:
         query_with_retries("p", url=fake.url, timeout=0.2, retries=2, backoff=0.5,
                            sleep=no_sleep(waits))
-    assert waits == [0.5, 1.0] and "\n" not in str(e.value)
+    assert waits == [0.5, 1.0] and "\n" not in str(e.value) and len(fake.requests) == 3
 
 
 def test_server_errors_are_retried(judge):
@@ -240,10 +168,14 @@ def test_evaluate_prints_count_and_average(judge, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--timeout", "nan"], "--timeout must be a finite number > 0"),
-    (["--timeout", "0"], "--timeout must be a finite number > 0"),
-    (["--backoff", "-1"], "--backoff must be a finite number >= 0"),
-    (["--retries", "-1"], "--retries must be >= 0"),
+    (["--timeout", "nan"], "--timeout must be a finite number in (0, 3600], got nan"),
+    (["--timeout", "0"], "--timeout must be in (0, 3600], got 0"),
+    (["--timeout", "1e300"], "--timeout must be in (0, 3600], got 1e+300"),
+    (["--timeout", "inf"], "--timeout must be a finite number"),
+    (["--backoff", "-1"], "--backoff must be in [0, 60], got -1"),
+    (["--backoff", "1e300"], "--backoff must be in [0, 60], got 1e+300"),
+    (["--retries", "-1"], "--retries must be in [0, 10], got -1"),
+    (["--retries", "100"], "--retries must be in [0, 10], got 100"),
 ])
 def test_evaluate_bad_flags_are_one_line(tmp_path, capsys, args, message):
     path = tmp_path / "r.json"

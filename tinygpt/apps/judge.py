@@ -1,9 +1,9 @@
 """Judge: score a model's responses 0-100 by asking a larger model, as the book's chapter 7 does.
 
-Owns the book's scoring prompt (byte for byte), the two wire formats a judge speaks and the
-scoring loop. The instruction part of the prompt is `finetune/templates.py`'s `format_input`;
-responses come from instruction fine-tuning (each entry's "model_response"). Standard library
-HTTP only.
+Owns the book's scoring prompt (byte for byte), the two wire formats a judge speaks, one request
+under a deadline, its retries and the scoring loop. The instruction part of the prompt is
+`finetune/templates.py`'s `format_input`; responses come from instruction fine-tuning (each
+entry's "model_response"). Standard library HTTP only.
 
     ollama serve & ollama pull llama3
     tinygpt evaluate --responses instruction-data-with-response.json
@@ -11,26 +11,43 @@ HTTP only.
 Wire formats:
 - Ollama, `POST /api/chat` (default http://127.0.0.1:11434): the book's request, options seed
   123, temperature 0, num_ctx 2048; the answer streams back as one JSON object per line, each
-  with a piece of `message.content`.
+  with a piece of `message.content`, the last with `"done": true`.
 - OpenAI-compatible, `POST /v1/chat/completions` (llama.cpp, vLLM, `tinygpt serve`, ...): the
   answer is `choices[0].message.content`.
 
-As in the book an answer is parsed with `int()`; an answer that is not an integer is counted and
-listed, never averaged. An empty response scores 0 without asking. Connection failures, time-outs
-and 5xx answers are retried with exponential backoff; a judge that is down or lacks the model
-ends the run with one line saying how to start it.
+One request (`query`) gets `timeout` seconds for the whole answer, connecting, headers and every
+byte of the body: a watchdog timer cuts the connection when they are up, so a judge that sends a
+byte every few seconds, or a stream that never ends, cannot hold a run. Redirects are never
+followed: the request, and the API key with it, goes only to the address given. At most
+`MAX_ANSWER_BYTES` are read.
+
+`query_with_retries` asks again after a failed connection, a time-out, HTTP 429 or 5xx, waiting
+backoff, 2 x backoff, 4 x backoff, ... seconds (or the server's Retry-After, if longer), each wait
+at most `MAX_WAIT`; so one entry takes at most (retries + 1) x timeout + retries x MAX_WAIT
+seconds before the run ends with one line saying what failed. Other refusals end it at once.
+
+The book parses an answer with `int()`. Here only an integer from 0 to 100 (white space around
+it allowed) is a score (`parse_score`); anything else (prose, 150, -5, "1_0", which int() reads
+as 10) is counted and listed, never averaged. An empty response scores 0 without asking.
 """
 from __future__ import annotations
 
+import base64
+import contextlib
+import email.utils
 import http.client
 import json
+import math
+import re
+import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+from tinygpt.core.validate import check_number
 from tinygpt.text.templates import format_input
 
 # chapter 7, section 7.8, byte for byte
@@ -43,9 +60,28 @@ ENDPOINTS = {"ollama": "/api/chat", "openai": "/v1/chat/completions"}
 RESPONSE_KEY = "model_response"      # the book's name for the fine-tuned model's answer
 LOOPBACK = ("127.0.0.1", "localhost", "::1")   # a judge on this machine is never reached by proxy
 
+MAX_TIMEOUT = 3600.0          # seconds for one answer
+MAX_RETRIES = 10              # tries after the first
+MAX_WAIT = 60.0               # seconds of any one wait between tries (backoff or Retry-After)
+MAX_ANSWER_BYTES = 1 << 20    # a score is a few bytes; a long-winded judge's stream ~100 KiB
+SCORE = re.compile(r"[0-9]{1,3}")   # ASCII digits only: \d and int() also take other scripts'
+
 
 class JudgeError(RuntimeError):
     """The judge cannot be asked (down, model missing, bad reply): one line for the user."""
+
+
+class _Retryable(OSError):
+    """An answer that may improve by asking again (HTTP 429 or 5xx), with the server's
+    Retry-After in seconds if it sent one."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Deadline(TimeoutError):
+    """No whole answer within the time allowed."""
 
 
 @dataclass
@@ -72,7 +108,11 @@ def endpoint(url: str | None, api: str) -> str:
         raise ValueError(f"unknown judge API {api!r}; choose ollama or openai")
     url = (url or OLLAMA_URL).rstrip("/")
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts.port                                   # a port that is not a number, or > 65535
+    except ValueError:
+        raise ValueError(f"judge URL {url!r} has no valid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"judge URL {url!r} is not an http:// or https:// address")
     if parts.path in ("", "/"):
         return url + ENDPOINTS[api]
@@ -89,35 +129,136 @@ def request_body(prompt: str, model: str, api: str) -> dict:
             "seed": OLLAMA_OPTIONS["seed"]}
 
 
+def check_settings(timeout: float, retries: int, backoff: float, prefix: str = "") -> None:
+    """ValueError naming the setting (with `prefix`, the flag: "--timeout") unless the timeout
+    is in (0, MAX_TIMEOUT], retries in [0, MAX_RETRIES] and backoff in [0, MAX_WAIT]."""
+    check_number(f"{prefix}timeout", timeout, 0.0, MAX_TIMEOUT, lo_open=True)
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"{prefix}retries must be an integer, got {retries!r}")
+    check_number(f"{prefix}retries", retries, 0, MAX_RETRIES)
+    check_number(f"{prefix}backoff", backoff, 0.0, MAX_WAIT)
+
+
+# --- one request --------------------------------------------------------------------------------
+
 def query(prompt: str, model: str = "llama3", url: str | None = None, api: str = "ollama", *,
           timeout: float = 120.0, api_key: str | None = None) -> str:
-    """The judge's whole answer to one prompt (one attempt). Raises `JudgeError` for answers
-    that will not improve by asking again, `OSError` for those that might."""
+    """The judge's whole answer to one prompt: one request, all of it within `timeout` seconds.
+    Raises `JudgeError` for answers that will not improve by asking again, `OSError` (or
+    `http.client.HTTPException`) for those that might."""
     target = endpoint(url, api)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+        headers["Authorization"] = f"Bearer {_header_safe(api_key)}"
     data = json.dumps(request_body(prompt, model, api)).encode("utf-8")
-    req = urllib.request.Request(target, data=data, headers=headers, method="POST")
-    direct = urllib.parse.urlsplit(target).hostname in LOOPBACK
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}) if direct else
-                                         urllib.request.ProxyHandler())
+    with _post(target, data, headers, timeout, (model, api)) as lines:
+        if api == "ollama":
+            return _read_ndjson(lines, target)
+        return _read_completion(b"".join(lines), target)
+
+
+@contextlib.contextmanager
+def _post(target: str, data: bytes, headers: dict, timeout: float,
+          asked: tuple[str, str]) -> Iterator[Iterator[bytes]]:
+    """POST `data` to `target` once and yield the lines of a 2xx answer, each read before the
+    deadline `timeout` seconds from now: a timer then shuts the socket down, which ends any
+    read at once, and the answer is a time-out however much of it came. `asked` is (model,
+    api), for the messages of a refusal."""
+    conn, path, proxy_headers = _connection(urllib.parse.urlsplit(target), timeout)
+    watchdog, response = _Watchdog(timeout), None
     try:
-        with opener.open(req, timeout=timeout) as response:
-            if api == "ollama":
-                return _read_ndjson(response, target)
-            return _read_completion(response.read(), target)
-    except urllib.error.HTTPError as e:
-        detail = _error_text(e)
-        if e.code >= 500 or e.code == 429:
-            raise OSError(f"{target} answered HTTP {e.code}: {detail}") from None
-        raise JudgeError(_refusal(e.code, detail, target, model, api)) from None
+        try:
+            conn.connect()
+            watchdog.watch(conn.sock)       # held here: conn lets go of it after the headers
+            if watchdog.fired:
+                raise _Deadline(f"no whole answer within {timeout:g} s")
+            conn.request("POST", path, body=data, headers={**headers, **proxy_headers})
+            response = conn.getresponse()
+            if not 200 <= response.status < 300:
+                raise _refusal(response, target, *asked)
+            yield _lines(response, target)
+        except Exception:
+            if watchdog.fired:
+                raise _Deadline(f"no whole answer within {timeout:g} s") from None
+            raise
+        if watchdog.fired:                       # the answer may look complete but was cut
+            raise _Deadline(f"no whole answer within {timeout:g} s")
+    finally:
+        watchdog.cancel()
+        if response is not None:
+            response.close()
+        conn.close()
 
 
-def _read_ndjson(response, target: str) -> str:
-    """Ollama's stream: one JSON object per line, each with a piece of the answer."""
+class _Watchdog:
+    """Shuts the socket it watches down after `seconds` unless cancelled first; `fired` says if
+    it did. A shut-down socket makes a blocked read return at once (end of file)."""
+
+    def __init__(self, seconds: float):
+        self.sock, self.fired = None, False
+        self.timer = threading.Timer(seconds, self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        self.sock = sock
+        if self.fired:                        # it found no socket to shut down: now
+            self._fire()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self.sock
+        if sock is not None:
+            try:                              # the plain socket's shutdown, also under TLS
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+
+def _connection(parts: urllib.parse.SplitResult,
+                timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
+    """(connection, request path, extra headers) to the judge: direct, or through the proxy the
+    environment names (http_proxy, https_proxy, no_proxy) as urllib would; a judge on this
+    machine always directly. Through a proxy, plain http asks it for the full URL (with the
+    proxy's credentials as a header); https tunnels to the judge (CONNECT)."""
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    proxy = None
+    if parts.hostname not in LOOPBACK and not urllib.request.proxy_bypass(parts.hostname):
+        proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy:
+        return kind(parts.hostname, parts.port, timeout=timeout), path, {}
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    auth = {}
+    if p.username:
+        user = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+        auth = {"Proxy-Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
+    conn = kind(p.hostname, p.port, timeout=timeout)
+    if parts.scheme == "https":
+        conn.set_tunnel(parts.hostname, parts.port, headers=auth)
+        return conn, path, {}
+    return conn, urllib.parse.urlunsplit(parts), auth
+
+
+def _lines(response: http.client.HTTPResponse, target: str) -> Iterator[bytes]:
+    """The body's lines, at most MAX_ANSWER_BYTES of them in all."""
+    left = MAX_ANSWER_BYTES
+    while line := response.readline(left + 1):
+        left -= len(line)
+        if left < 0:
+            raise JudgeError(f"{target} sent more than {MAX_ANSWER_BYTES >> 10} KiB without "
+                             "finishing its answer")
+        yield line
+
+
+def _read_ndjson(lines: Iterator[bytes], target: str) -> str:
+    """Ollama's stream: one JSON object per line, each with a piece of the answer, until the
+    one with "done": true. A stream that ends before it was cut short (asked again)."""
     answer = []
-    for line in response:
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -127,12 +268,13 @@ def _read_ndjson(response, target: str) -> str:
         if not isinstance(part, dict):
             raise JudgeError(f"{target} sent {type(part).__name__}, not a JSON object")
         if "error" in part:
-            raise JudgeError(f"{target}: {part['error']}")
-        content = (part.get("message") or {}).get("content", "")
+            raise JudgeError(f"{target}: {str(part['error'])[:200]}")
+        message = part.get("message")
+        content = message.get("content", "") if isinstance(message, dict) else ""
         answer.append(content if isinstance(content, str) else "")
         if part.get("done"):
-            break
-    return "".join(answer)
+            return "".join(answer)
+    raise _Retryable(f"{target} ended its stream before the line with \"done\": true")
 
 
 def _read_completion(body: bytes, target: str) -> str:
@@ -144,44 +286,78 @@ def _read_completion(body: bytes, target: str) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _error_text(e: urllib.error.HTTPError) -> str:
+def _header_safe(api_key: str) -> str:
+    """The key, unless it holds what an HTTP header cannot carry (the key itself never shown)."""
+    for k, ch in enumerate(api_key):
+        if not " " < ch <= "~":
+            raise ValueError(f"the API key has a character an HTTP header cannot carry at "
+                             f"position {k} (a space, line break or non-ASCII letter)")
+    return api_key
+
+
+def _refusal(response: http.client.HTTPResponse, target: str, model: str,
+             api: str) -> Exception:
+    """The exception for a non-2xx answer: `_Retryable` for 429 and 5xx, else `JudgeError`."""
+    code = response.status
+    if 300 <= code < 400:
+        where = response.getheader("Location") or "no Location"
+        return JudgeError(f"{target} answered HTTP {code}, a redirect to {where[:200]}: not "
+                          "followed, so the request and any API key go only to the address "
+                          "given; pass the judge's own address with --judge")
+    detail = _error_text(response)
+    if code >= 500 or code == 429:
+        return _Retryable(f"{target} answered HTTP {code}: {detail}",
+                          _retry_after(response.getheader("Retry-After")))
+    if code == 404 and "model" in detail.lower():
+        hint = f"; pull it with `ollama pull {model}`" if api == "ollama" else ""
+        return JudgeError(f"the judge at {target} has no model {model!r} ({detail}){hint}")
+    if code == 404:
+        return JudgeError(f"{target} has no such endpoint (HTTP 404); is it an "
+                          f"{'Ollama' if api == 'ollama' else 'OpenAI-compatible'} server? "
+                          "(--api)")
+    hint = " (is OPENAI_API_KEY set to the judge's key?)" if code in (401, 403) else ""
+    return JudgeError(f"the judge at {target} refused the request: HTTP {code}: {detail}{hint}")
+
+
+def _error_text(response: http.client.HTTPResponse) -> str:
+    """An error answer's message, from its JSON "error" if it has one; one short line."""
     try:
-        body = e.read().decode("utf-8", errors="replace")
-    except OSError:
-        return e.reason or ""
+        body = response.read(4096).decode("utf-8", errors="replace")
+    except (OSError, http.client.HTTPException):
+        body = ""
     try:
         err = json.loads(body).get("error", body)
     except (json.JSONDecodeError, AttributeError):
-        return body.strip()[:200] or str(e.reason)
+        err = body.strip() or response.reason
     if isinstance(err, dict):
         err = err.get("message", err)
-    return str(err)[:200]
+    return " ".join(str(err).split())[:200]
 
 
-def _refusal(code: int, detail: str, target: str, model: str, api: str) -> str:
-    if code == 404 and "model" in detail.lower():
-        hint = f"; pull it with `ollama pull {model}`" if api == "ollama" else ""
-        return f"the judge at {target} has no model {model!r} ({detail}){hint}"
-    if code == 404:
-        return (f"{target} has no such endpoint (HTTP 404); is it an "
-                f"{'Ollama' if api == 'ollama' else 'OpenAI-compatible'} server? (--api)")
-    return f"the judge at {target} refused the request: HTTP {code}: {detail}"
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (delay-seconds or an HTTP date), None if unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
-def _down(target: str, api: str, model: str, reason: object) -> str:
-    if api == "ollama":
-        how = f"start it with `ollama serve` (and `ollama pull {model}`)"
-    else:
-        how = "start an OpenAI-compatible server there, e.g. `tinygpt serve --model PATH`"
-    return f"cannot reach the judge at {target} ({reason}); {how}"
-
+# --- retries ------------------------------------------------------------------------------------
 
 def query_with_retries(prompt: str, model: str = "llama3", url: str | None = None,
                        api: str = "ollama", *, timeout: float = 120.0, retries: int = 3,
                        backoff: float = 1.0, api_key: str | None = None,
                        sleep: Callable[[float], None] = time.sleep) -> str:
-    """`query`, tried again after backoff, 2 x backoff, 4 x backoff, ... seconds when the
-    connection fails, times out or the server answers 5xx; then a `JudgeError`."""
+    """`query`, tried again after a failed connection, a time-out, HTTP 429 or 5xx, at most
+    `retries` times; waits as the module docstring says. Then a `JudgeError`."""
+    check_settings(timeout, retries, backoff)
+    target = endpoint(url, api)
     for attempt in range(retries + 1):
         try:
             return query(prompt, model, url, api, timeout=timeout, api_key=api_key)
@@ -190,10 +366,46 @@ def query_with_retries(prompt: str, model: str = "llama3", url: str | None = Non
         # HTTPException: a server that closes mid-answer or sends a garbled status line
         except (OSError, http.client.HTTPException) as e:
             if attempt == retries:
-                reason = getattr(e, "reason", None) or e
-                raise JudgeError(_down(endpoint(url, api), api, model, reason)) from None
-            sleep(backoff * 2 ** attempt)
+                raise JudgeError(_gave_up(e, target, api, model, retries + 1, timeout)) from None
+            sleep(retry_wait(attempt, backoff, getattr(e, "retry_after", None)))
     raise AssertionError("unreachable")
+
+
+def retry_wait(attempt: int, backoff: float, retry_after: float | None = None) -> float:
+    """Seconds before try `attempt + 1`: backoff x 2^attempt, or the server's Retry-After if
+    longer, never more than MAX_WAIT."""
+    wait = backoff * 2.0 ** min(attempt, 60)
+    if retry_after is not None:
+        wait = max(wait, retry_after)
+    return min(wait, MAX_WAIT)
+
+
+def _gave_up(e: Exception, target: str, api: str, model: str, tries: int,
+             timeout: float) -> str:
+    times = f"{tries} {'try' if tries == 1 else 'tries'}"
+    if isinstance(e, _Deadline):
+        return (f"the judge at {target} gave no whole answer within {timeout:g} s ({times}); "
+                "a slow judge needs a larger --timeout")
+    if isinstance(e, _Retryable):
+        return f"the judge kept failing ({times}): {e}"
+    reason = getattr(e, "reason", None) or e
+    if api == "ollama":
+        how = f"start it with `ollama serve` (and `ollama pull {model}`)"
+    else:
+        how = "start an OpenAI-compatible server there, e.g. `tinygpt serve --model PATH`"
+    return f"cannot reach the judge at {target} ({reason}; {times}); {how}"
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+def parse_score(answer: str) -> int | None:
+    """The score in a judge's answer if the answer is an integer from 0 to 100 (white space
+    around it allowed), else None."""
+    text = answer.strip()
+    if not SCORE.fullmatch(text):
+        return None
+    score = int(text)
+    return score if score <= 100 else None
 
 
 def score_responses(entries: Sequence[dict], model: str = "llama3", url: str | None = None,
@@ -204,14 +416,15 @@ def score_responses(entries: Sequence[dict], model: str = "llama3", url: str | N
                     log: Callable[[str], None] | None = None,
                     sleep: Callable[[float], None] = time.sleep) -> Scores:
     """Ask the judge for every entry's score. `progress(done, total)` after each entry;
-    `log(line)` for each answer that is not an integer."""
+    `log(line)` for each answer that is not a score."""
     for k, entry in enumerate(entries):           # every entry checked before the first query
         if not isinstance(entry, dict):
             raise ValueError(f"entry {k} is not a JSON object")
         for key in ("instruction", "output", response_key):
             if not isinstance(entry.get(key), str):
                 raise ValueError(f"entry {k} has no {key!r} text")
-    endpoint(url, api)                            # a bad URL fails before any work
+    endpoint(url, api)                            # a bad URL or setting fails before any work
+    check_settings(timeout, retries, backoff)
     result = Scores(total=len(entries))
     for k, entry in enumerate(entries):
         if not entry[response_key].strip():
@@ -220,12 +433,13 @@ def score_responses(entries: Sequence[dict], model: str = "llama3", url: str | N
             answer = query_with_retries(judge_prompt(entry, response_key, template), model, url,
                                         api, timeout=timeout, retries=retries, backoff=backoff,
                                         api_key=api_key, sleep=sleep)
-            try:
-                result.scores.append(int(answer))
-            except ValueError:
+            score = parse_score(answer)
+            if score is not None:
+                result.scores.append(score)
+            else:
                 result.unparsed.append((k, answer))
                 if log is not None:
-                    log(f"Could not convert score: {answer!r} (entry {k})")
+                    log(f"Not a score from 0 to 100: {answer[:200]!r} (entry {k})")
         if progress is not None:
             progress(k + 1, len(entries))
     return result

@@ -4,6 +4,19 @@ errors are raised as ValueError (one line, exit 2, printed by the caller)."""
 
 from pathlib import Path
 
+# what save_finetuned can leave in --out: a GPT-2 or Llama hub folder with its tokenizer, or LoRA
+# adapters (weights.py, tokenizer.py, hf_tokenizer.py, finetune/lora.py name them)
+MODEL_FILES = ("model.safetensors", "config.json", "tinygpt-tokenizer.json", "tokenizer.json",
+               "tokenizer_config.json", "lora.safetensors", "lora.json")
+
+
+def check_out(out: str | Path, *own: str) -> None:
+    """Before any work: refuse an --out folder holding a file a fine-tuning command would write
+    (the training loop's, the model's, and `own`: the command's own results), so a user's files
+    there are never overwritten; other files in it are left alone."""
+    from tinygpt.training.checkpoint import RUN_FILES, check_new_run_dir
+    check_new_run_dir(out, (*RUN_FILES, *MODEL_FILES, *own))
+
 
 def save_finetuned(model, out: str | Path, tokenizer, lora_rank: int, base_name: str,
                    **adapter) -> str:

@@ -12,6 +12,7 @@ the CLI prints them without a traceback and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -82,12 +83,15 @@ def add_parsers(subparsers) -> None:
 # --- finetune-classifier -------------------------------------------------------------------------
 
 def run_finetune(args) -> int:
+    from tinygpt.commands import check_out
     from tinygpt.training.checkpoint import prepare_run_dir
     from tinygpt.finetune import classify as C
     from tinygpt.training.train import TrainConfig, TrainingDiverged
     _check_flags(args)
-    prepare_run_dir(args.out, resume=False)              # writable, before any time is spent
+    if not _is_classifier(args.out):                     # a classifier's folder is rewritten
+        check_out(args.out, C.CLASSIFIER_FILE, C.HEAD_FILE, "results.json", "confusion.png")
     data = C.read_labelled(_data_path(args), args.text_col, args.label_col)
+    prepare_run_dir(args.out, resume=False)              # writable, before any time is spent
     start = time.perf_counter()
     backbone, tok = _backbone(args)
     pad_id = C.pad_id_of(tok)
@@ -100,6 +104,10 @@ def run_finetune(args) -> int:
     splits = C.spam_splits(data, tok, pad_id, batch_size=args.batch_size,
                            balanced=not args.no_balance, max_length=backbone.config.block_size,
                            seed=args.seed)
+    if len(splits.train.dataset) < args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the "
+                         f"{len(splits.train.dataset)} training texts of {data.source}: nothing "
+                         "to train on")
     model = C.Classifier(backbone, len(splits.label_names), args.token_pos, seed=args.seed,
                          cache_frozen=not args.no_feature_cache)
     try:
@@ -131,6 +139,16 @@ def run_finetune(args) -> int:
           f"{result['test_accuracy']:.2%}; classifier in {args.out} (tinygpt classify --model "
           f"{args.out} TEXT)")
     return 0
+
+
+def _is_classifier(out) -> bool:
+    """Whether `out` holds what an earlier finetune-classifier wrote (its classifier.json)."""
+    from tinygpt.finetune.classify import CLASSIFIER_FILE
+    try:
+        info = json.loads((Path(out) / CLASSIFIER_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(info, dict) and info.get("format") == "tinygpt-classifier"
 
 
 def draw_confusion(result: dict, label_names, out) -> Path | None:

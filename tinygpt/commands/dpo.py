@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+RESPONSES_FILE = "dpo-responses.json"    # the test entries' responses before and after
+
 
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
@@ -126,12 +128,14 @@ def _datasets(args, tokenizer, model):
 
 
 def run(args) -> int:
+    from tinygpt.commands import check_out
     from tinygpt.text.data import DataLoader
     from tinygpt.finetune.dpo import DPOObjective, count_tokens
     from tinygpt.finetune.instruct import generate_responses
     from tinygpt.training.train import TrainConfig, train
     from tinygpt.hub.pretrained import load_pretrained
     _check_args(args)
+    check_out(args.out, RESPONSES_FILE)
     objective = DPOObjective(args.beta, args.reduction)
     start = time.perf_counter()
     model, tokenizer = load_pretrained(args.model, download=False)
@@ -176,7 +180,7 @@ def run(args) -> int:
 def _save(args, model, tokenizer, shown: list[dict], before: list[str], after: list[str]) -> None:
     from tinygpt.core.fileio import write_json_atomic
     out = Path(args.out)
-    write_json_atomic(out / "dpo-responses.json",
+    write_json_atomic(out / RESPONSES_FILE,
                       [{**e, "response_before": b, "response_after": a}
                        for e, b, a in zip(shown, before, after)])
     from tinygpt.commands import save_finetuned

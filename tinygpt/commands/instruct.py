@@ -154,7 +154,9 @@ def run(args) -> int:
         save_responses
     from tinygpt.training.train import TrainConfig, evaluate, train
     from tinygpt.hub.pretrained import load_pretrained
+    from tinygpt.commands import check_out
     _check_args(args)
+    check_out(args.out, RESPONSES_FILE)
     data_path = _data_path(args)
     start = time.perf_counter()
     model, tokenizer = load_pretrained(args.model, args.dir, download=False)

@@ -105,10 +105,12 @@ def _add_evaluate(sub) -> None:
                    help="entry field holding the response (default model_response)")
     p.add_argument("--template", choices=tuple(TEMPLATES), default="alpaca",
                    help="format of the instruction shown to the judge (default alpaca)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per answer (default 120)")
-    p.add_argument("--retries", type=int, default=3, help="tries again after a failure (default 3)")
-    p.add_argument("--backoff", type=float, default=1.0,
-                   help="seconds before the first retry, doubling after each (default 1)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds for one whole answer, "
+                   "at most 3600 (default 120)")
+    p.add_argument("--retries", type=int, default=3, help="tries again after a failed connection, "
+                   "a time-out, HTTP 429 or 5xx, at most 10 (default 3)")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, "
+                   "doubling after each, every wait at most 60 (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_evaluate)
 
@@ -141,10 +143,8 @@ def read_entries(path: str) -> list[dict]:
 def run_evaluate(args) -> int:
     from tqdm import tqdm
 
-    from tinygpt.apps.judge import JudgeError, score_responses
-    _check_float("--timeout", args.timeout, 0.0, open_low=True)
-    _check_float("--backoff", args.backoff, 0.0)
-    _check_int("--retries", args.retries, 0)
+    from tinygpt.apps.judge import JudgeError, check_settings, score_responses
+    check_settings(args.timeout, args.retries, args.backoff, prefix="--")
     entries = read_entries(args.responses)
     bar = tqdm(total=len(entries), desc="Scoring entries", disable=args.quiet, file=sys.stderr)
     try:
@@ -159,12 +159,13 @@ def run_evaluate(args) -> int:
     finally:
         bar.close()
     if result.unparsed:
-        print(f"{len(result.unparsed)} answers were not an integer, left out of the average:")
+        print(f"{len(result.unparsed)} answers were not an integer from 0 to 100, left out of "
+              "the average:")
         for k, answer in result.unparsed:
             print(f"  entry {k}: {answer[:200]!r}")
     print(f"Number of scores: {len(result.scores)} of {result.total}")
     if result.average is None:
-        print("Average score: none (no answer was an integer)")
+        print("Average score: none (no answer was a score from 0 to 100)")
     else:
         print(f"Average score: {result.average:.2f}")
     return 0

@@ -78,8 +78,8 @@ def read_labelled(path: str | os.PathLike, text_col: str | None = None,
         rows = _csv_rows(raw, "\t", path, header=False)
     texts, labels = _columns(rows, path, text_col or "text", label_col or "label")
     if len(set(labels)) < 2:
-        raise ValueError(f"{path}: every row has label {labels[0]!r} if any: a classifier needs "
-                         "at least two classes")
+        raise ValueError(f"{path}: every row has label {labels[0]!r}: a classifier needs at "
+                         "least two classes")
     return LabelledTexts(texts, labels, str(path))
 
 
@@ -285,6 +285,11 @@ def spam_splits(data: LabelledTexts, tokenizer, pad_id: int, *, batch_size: int 
     labels = np.array([names.index(s) for s in data.labels], dtype=np.int64)
     rows = balance(labels, seed) if balanced else np.arange(len(labels))
     parts = split(rows, seed=seed)
+    for name, part in zip(("train", "validation", "test"), parts):
+        if not len(part):
+            kept = f"{len(rows)} texts" + (" after balancing" if balanced else "")
+            raise ValueError(f"{data.source}: {kept} leave the {name} split empty (70/10/20 %): "
+                             "at least 10 are needed")
     ids = [tokenizer.encode(data.texts[i]) for i in parts[0]]
     train = ClassificationDataset(ids, labels[parts[0]], pad_id)
     if max_length is not None and train.max_length > max_length:

@@ -50,7 +50,12 @@ def read_preference_data(path: str | Path) -> list[dict]:
     """The entries of a JSON list (or JSON Lines, `.jsonl`) of objects with `instruction`,
     optional `input`, `chosen` and `rejected` texts; a one-line ValueError for anything else."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"preference data not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         if path.suffix == ".jsonl":
             data = [json.loads(line) for line in text.splitlines() if line.strip()]

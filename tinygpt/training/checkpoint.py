@@ -24,9 +24,12 @@ import csv
 import io
 import json
 import math
+import os
+import tempfile
 import zlib
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -121,6 +124,28 @@ def load_checkpoint(out_dir: Path | str) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, record
 
 
+RUN_FILES = (RECORD, "ckpt-*.safetensors", "log.csv", "loss.png", "lr.png")   # what train() writes
+
+
+def check_new_run_dir(out_dir: str | os.PathLike, names: Iterable[str],
+                      flag: str = "--out") -> None:
+    """Refuse, before anything is written, a folder that already holds a file a new run would
+    write (`names`: file names or glob patterns such as ckpt-*.safetensors). A missing folder,
+    or one holding only other files, is fine: a run writes its own names and leaves the rest
+    alone. A ValueError naming `flag`, the folder and the files."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file, not a folder")
+    names = tuple(names)
+    taken = sorted(p.name for p in out.iterdir() if any(fnmatch(p.name, n) for n in names))
+    if taken:
+        raise ValueError(f"{flag} {out} already holds {short_list(taken)}, which this run would "
+                         "overwrite: choose a new or empty folder (its other files are never "
+                         "touched)")
+
+
 def prepare_run_dir(out_dir: str | None, resume: bool, is_main: bool = True) -> Path | None:
     """Create `out_dir` and check it is writable, before any time is spent training (the main
     process only: the others read a checkpoint from it when resuming, and write nothing)."""
@@ -133,9 +158,8 @@ def prepare_run_dir(out_dir: str | None, resume: bool, is_main: bool = True) -> 
         return out
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".write-test", "wb"):
+        with tempfile.TemporaryFile(dir=out):        # a name of its own: no file is clobbered
             pass
-        (out / ".write-test").unlink()
     except OSError as e:
         raise _os_error(e, f"output directory {out} is not writable: {e.strerror or e}") from None
     if not resume and (out / "checkpoint.json").exists():
