@@ -6,7 +6,7 @@ One module per benchmark (`kernels.py`, `tokenizer.py`, `train.py`, `generate.py
 import importlib
 import sys
 
-NAMES = ("kernels", "tokenizer", "train", "generate", "distributed")
+NAMES = ("kernels", "tokenizer", "train", "generate", "distributed", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
