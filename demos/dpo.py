@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from tinygpt.cli import main
+from tinygpt.commands.cli import main
 
 SHARED = Path(os.environ.get("TINYGPT_SHARED",
                              Path(__file__).resolve().parents[1].parent / "shared"))

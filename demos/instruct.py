@@ -28,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinygpt.cli import main as tinygpt_cli
+from tinygpt.commands.cli import main as tinygpt_cli
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMOLLM2 = SHARED / "fixtures" / "smollm2-135m-instruct" / "model.gguf"

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from tinygpt import GPT, GPTConfig
-from tinygpt.data import DataLoader, GPTDataset, read_text, train_val_split
-from tinygpt.download import DownloadError, data_file
-from tinygpt.tokenizer import get_tokenizer
-from tinygpt.train import TrainConfig, train
-from tinygpt.weights import save_pretrained
+from tinygpt.text.data import DataLoader, GPTDataset, read_text, train_val_split
+from tinygpt.hub.download import DownloadError, data_file
+from tinygpt.text.tokenizer import get_tokenizer
+from tinygpt.training.train import TrainConfig, train
+from tinygpt.hub.pretrained import save_pretrained
 
-DEFAULT_DATA = "the-verdict.txt"        # a name in tinygpt.download.DATA_FILES
+DEFAULT_DATA = "the-verdict.txt"        # a name in tinygpt.hub.download.DATA_FILES
 
 
 def book_init(model: GPT, seed: int) -> None:

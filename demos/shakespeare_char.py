@@ -22,7 +22,7 @@ How long: `--minutes` of training (default 3) plus ~10 s of startup and sampling
 after an install also pays numba's one-time compile. `--max-steps N` stops after N steps (or at the
 time budget, whichever comes first).
 
-Training is `tinygpt.train.train` with a wall-clock budget (`max_seconds`); this script only
+Training is `tinygpt.training.train.train` with a wall-clock budget (`max_seconds`); this script only
 prints its evaluations in its own format (`on_eval`) and samples at the end.
 """
 from __future__ import annotations
@@ -37,13 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from tinygpt import GPT, GPTConfig
-from tinygpt.data import DataLoader, GPTDataset, read_text, train_val_split
-from tinygpt.download import DownloadError, data_file
-from tinygpt.generate import generate
-from tinygpt.tokenizer import CharTokenizer
-from tinygpt.train import TrainConfig, train
+from tinygpt.text.data import DataLoader, GPTDataset, read_text, train_val_split
+from tinygpt.hub.download import DownloadError, data_file
+from tinygpt.inference.generate import generate
+from tinygpt.text.tokenizer import CharTokenizer
+from tinygpt.training.train import TrainConfig, train
 
-DEFAULT_DATA = "tinyshakespeare.txt"    # a name in tinygpt.download.DATA_FILES
+DEFAULT_DATA = "tinyshakespeare.txt"    # a name in tinygpt.hub.download.DATA_FILES
 BLOCK_SIZE = 64          # characters of context
 BATCH_SIZE = 16          # windows per step: 1,024 characters
 WARMUP = 50              # steps of linear learning-rate warmup

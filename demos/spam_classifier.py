@@ -26,10 +26,10 @@ import resource
 import sys
 import time
 
-from tinygpt.download import DownloadError, shared_data_dir
+from tinygpt.hub.download import DownloadError, shared_data_dir
 from tinygpt.commands.classify import draw_confusion
 from tinygpt.finetune import classify as C
-from tinygpt.train import TrainConfig
+from tinygpt.training.train import TrainConfig
 
 SMOLLM2_GGUF = "fixtures/smollm2-135m-instruct/model.gguf"     # under ../shared
 BOOK = {"train": 0.9721, "val": 0.9732, "test": 0.9567}         # GPT-2 124M, 5 epochs

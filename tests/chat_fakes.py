@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.tokenizer import GPT2Tokenizer
+from tinygpt.models.gpt import GPT, GPTConfig
+from tinygpt.text.tokenizer import GPT2Tokenizer
 
 
 class ScriptedModel:
@@ -69,6 +69,6 @@ def tiny_gpt(block_size: int = 64) -> GPT:
 
 
 def save_tiny_gpt(directory) -> str:
-    from tinygpt.weights import save_pretrained
+    from tinygpt.hub.pretrained import save_pretrained
     save_pretrained(tiny_gpt(), directory, tokenizer=GPT2Tokenizer())
     return str(directory)

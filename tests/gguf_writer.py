@@ -1,6 +1,6 @@
 """A GGUF v3 writer for the tests only: small files built byte by byte from the format's spec.
 
-It shares no code or tables with tinygpt/gguf.py, so the reader is checked against an independent
+It shares no code or tables with tinygpt/formats/gguf.py, so the reader is checked against an independent
 reading of the spec. Besides the bytes it records where every length, count, type code, dimension
 and offset field sits, so tests can corrupt exactly those fields.
 

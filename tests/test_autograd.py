@@ -1,4 +1,4 @@
-"""The engine (tinygpt/autograd.py): Tensor dtypes, backward's rules, graph lifetime, no_grad."""
+"""The engine (tinygpt/autograd/tensor.py): Tensor dtypes, backward's rules, graph lifetime, no_grad."""
 import gc
 import weakref
 
@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import tinygpt.functional as F
+import tinygpt.autograd.functional as F
 from tinygpt import Tensor, no_grad
-from tinygpt.autograd import Context, Function, is_grad_enabled
-from tinygpt.gradcheck import gradcheck
+from tinygpt.autograd.tensor import Context, Function, is_grad_enabled
+from tinygpt.autograd.gradcheck import gradcheck
 from tests.conftest import GRAD_ATOL, GRAD_RTOL
 from tests.strategies import arrays, shapes
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinygpt import GPT, GPTConfig, cli
-from tinygpt.safetensors import load_safetensors, save_safetensors
-from tinygpt.tokenizer import GPT2Tokenizer
-from tinygpt.validate import json_checksum
-from tinygpt.weights import save_pretrained
+from tinygpt import GPT, GPTConfig
+from tinygpt.commands import cli
+from tinygpt.formats.safetensors import load_safetensors, save_safetensors
+from tinygpt.text.tokenizer import GPT2Tokenizer
+from tinygpt.core.validate import json_checksum
+from tinygpt.hub.pretrained import save_pretrained
 
 TEXT = "".join(f"the cat {w} on the mat. a dog {w} by the door.\n"
                for w in ("sat", "ran", "lay", "hid", "sat", "ran", "ate", "sat") * 6)
@@ -103,7 +104,7 @@ def gpt_with_tensor(p: Paths, name: str, tensor: str, value: float) -> Path:
 
 def resign(record: dict) -> dict:
     """Give an edited record a valid checksum, so the check after the checksum is what fails."""
-    from tinygpt.checkpoint import record_checksum
+    from tinygpt.training.checkpoint import record_checksum
     record["record_crc32"] = record_checksum(record)
     return record
 
@@ -303,7 +304,7 @@ def _run_with_edited_data(p: Paths) -> Path:
     data = p.write("edited.txt", TEXT)
     record = json.loads((d / "checkpoint.json").read_text())
     record["extra"]["data"] = str(data)
-    from tinygpt.distributed import fingerprint
+    from tinygpt.training.distributed import fingerprint
     record["extra"]["data_fingerprint"] = fingerprint(data)
     (d / "checkpoint.json").write_text(json.dumps(resign(record)))
     data.write_text(TEXT.replace("cat", "cap"), encoding="utf-8")

@@ -6,7 +6,7 @@ import tiktoken_ext.openai_public
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tinygpt.bpe import EOT, BPETokenizer, bundled_gpt2_paths
+from tinygpt.text.bpe import EOT, BPETokenizer, bundled_gpt2_paths
 
 # pieces that exercise every branch of GPT-2's regex, mixed with arbitrary Unicode below
 PIECES = ["'s", "'re", "'ve", "'ll", "'d", "'m", "'t", "'S", "don't", " they're", EOT, EOT * 2,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.chat_fakes import ScriptedModel, save_tiny_gpt, says, tiny_gpt
-from tinygpt.chat import ChatSession, complete, fit_prompt, render, stop_tokens
+from tinygpt.apps.chat import ChatSession, complete, fit_prompt, render, stop_tokens
 from tinygpt.commands.serve import run_chat
-from tinygpt.finetune.templates import chatml, format_prompt
-from tinygpt.tokenizer import GPT2Tokenizer
+from tinygpt.text.templates import chatml, format_prompt
+from tinygpt.text.tokenizer import GPT2Tokenizer
 
 TOK = GPT2Tokenizer()
 ROOT = Path(__file__).resolve().parents[1]

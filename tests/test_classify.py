@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinygpt.cli import main as cli_main
+from tinygpt.commands.cli import main as cli_main
 from tinygpt.commands import classify as cmd
 from tinygpt.finetune import classify as C
 from tinygpt.finetune import classify_data as D
-from tinygpt.llama import Llama, LlamaConfig
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.tokenizer import CharTokenizer, GPT2Tokenizer
-from tinygpt.weights import save_pretrained
+from tinygpt.models.llama import Llama, LlamaConfig
+from tinygpt.models.gpt import GPT, GPTConfig
+from tinygpt.text.tokenizer import CharTokenizer, GPT2Tokenizer
+from tinygpt.hub.pretrained import save_pretrained
 
 SMS = "data/SMSSpamCollection"
 GGUF = "fixtures/smollm2-135m-instruct/model.gguf"
@@ -260,7 +260,7 @@ def test_a_short_run_learns_spam_well_above_the_majority_class(shared, tmp_path,
     info = json.loads((out / "classifier.json").read_text())
     assert info["label_names"] == ["ham", "spam"] and info["max_length"] == 120
     # the classifier's folder is also a GPT-2 hub folder: every command can load the backbone
-    from tinygpt.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     backbone, tok = load_pretrained(out)
     assert isinstance(tok, GPT2Tokenizer) and backbone.config.n_embd == 16
 
@@ -277,8 +277,8 @@ def test_a_short_run_learns_spam_well_above_the_majority_class(shared, tmp_path,
 
 
 def test_classifier_with_a_llama_backbone_saves_its_tokenizer_and_loads_back(shared, tmp_path):
-    from tinygpt.gguf import read_gguf
-    from tinygpt.hf_tokenizer import HFTokenizer
+    from tinygpt.formats.gguf import read_gguf
+    from tinygpt.text.hf_tokenizer import HFTokenizer
     tok = HFTokenizer.from_gguf_metadata(read_gguf(shared / GGUF)[0])
     model = C.Classifier(tiny_llama(vocab_size=tok.n_vocab), 3, "mean")
     C.save_classifier(model, tmp_path, tok, ["a", "b", "c"], C.pad_id_of(tok), 64)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from tinygpt import cli, ops
+from tinygpt.commands import cli
+from tinygpt.autograd import ops
 
 
 def test_gradcheck_command_passes_every_op(capsys):

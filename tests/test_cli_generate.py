@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from tinygpt.cli import main
-from tinygpt.generate import TextStream
-from tinygpt.tokenizer import GPT2Tokenizer
+from tinygpt.commands.cli import main
+from tinygpt.inference.generate import TextStream
+from tinygpt.text.tokenizer import GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")

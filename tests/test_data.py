@@ -6,10 +6,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tinygpt import cli
-from tinygpt.data import (DataLoader, GPTDataset, MemmapDataset, create_dataloader,
+from tinygpt.commands import cli
+from tinygpt.text.data import (DataLoader, GPTDataset, MemmapDataset, create_dataloader,
                           iter_text_chunks, prepare, read_meta, read_text, train_val_split)
-from tinygpt.tokenizer import CharTokenizer, GPT2Tokenizer
+from tinygpt.text.tokenizer import CharTokenizer, GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_cli_prepare_bad_val_fraction(tmp_path, shared, capsys):
 
 
 def test_pretrain_data_from_a_text_file_and_a_prepared_directory(tmp_path):
-    from tinygpt.data import SampledBatches, pretrain_data
+    from tinygpt.text.data import SampledBatches, pretrain_data
     text = "".join(f"line {i}: the quick brown fox.\n" for i in range(200))
     (tmp_path / "t.txt").write_text(text)
     train, val, tok = pretrain_data(tmp_path / "t.txt", 16, 4, seed=0, tokenizer="char")

@@ -6,10 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinygpt import GPT, GPTConfig, no_grad
-from tinygpt import decode_kernels as dk
-from tinygpt.generate import generate
-from tinygpt.inference import PackedWeight, pack_for_inference, packed_bytes
-from tinygpt.llama import Llama, LlamaConfig
+from tinygpt.kernels import decode as dk
+from tinygpt.inference.generate import generate
+from tinygpt.inference.pack import PackedWeight, pack_for_inference, packed_bytes
+from tinygpt.models.llama import Llama, LlamaConfig
 from tests.conftest import TWIN32_ATOL, TWIN32_RTOL
 
 dims = st.integers(1, 4)
@@ -115,7 +115,7 @@ def test_packed_llama_with_gqa_matches_unpacked():
 
 
 def test_kept_quantized_smollm2_decodes_like_transformers(shared):
-    from tinygpt.llama_weights import load_gguf
+    from tinygpt.hub.llama import load_gguf
     path = shared / "fixtures" / "smollm2-135m-instruct" / "model.gguf"
     expected = np.load(path.parent / "expected.npz")
     model = load_gguf(path, keep_quantized=True)
@@ -133,7 +133,7 @@ def test_packed_generation_runs_on_the_numpy_twins_without_numba():
     import subprocess
     import sys
     code = ("import numpy as np; from tinygpt import GPT, GPTConfig, generate, "
-            "pack_for_inference; from tinygpt import decode_kernels as dk; "
+            "pack_for_inference; from tinygpt.kernels import decode as dk; "
             "assert dk.matvec_i8 is dk.matvec_i8_ref and dk.attend_one is dk.attend_one_ref; "
             "cfg = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32); "
             "p = np.array([[1, 2, 3]]); a = generate(GPT(cfg, seed=1), p, 10); "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tinygpt import download
+from tinygpt.hub import download
 
 DEMOS = Path(__file__).resolve().parents[1] / "demos"
 

@@ -1,4 +1,4 @@
-"""Data-parallel training (`tinygpt/distributed.py`) with 2 ranks under mpiexec on 127.0.0.1.
+"""Data-parallel training (`tinygpt/training/distributed.py`) with 2 ranks under mpiexec on 127.0.0.1.
 
 A 2-rank run equals a 1-rank run (losses at every step, log rows, final parameters) up to the
 order of float32 additions; a resumed 2-rank run is bit-identical to an uninterrupted one; ranks
@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinygpt import GPT, GPTConfig, distributed
-from tinygpt.data import DataLoader, GPTDataset
-from tinygpt.tokenizer import CharTokenizer
-from tinygpt.train import TrainConfig, train
+from tinygpt import GPT, GPTConfig
+from tinygpt.training import distributed, mpirun
+from tinygpt.text.data import DataLoader, GPTDataset
+from tinygpt.text.tokenizer import CharTokenizer
+from tinygpt.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "".join(f"the cat {w} on the mat. a dog {w} by the door.\n"
@@ -109,7 +110,7 @@ def _main() -> None:
 def _mpirun(ranks: int, *args: str, timeout_env: float = 30.0) -> subprocess.CompletedProcess:
     pytest.importorskip("mpi4py")
     try:
-        cmd, env = distributed.mpiexec_command(
+        cmd, env = mpirun.mpiexec_command(
             ranks, [sys.executable, "-m", "tests.test_distributed", *args], threads=1)
     except distributed.DistributedError as e:
         pytest.skip(str(e))
@@ -123,7 +124,7 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 
 def _arrays(out_dir: Path) -> dict[str, np.ndarray]:
-    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.training.checkpoint import load_checkpoint
     return load_checkpoint(out_dir)[0]
 
 

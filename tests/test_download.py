@@ -1,4 +1,4 @@
-"""tinygpt.download against a local HTTP server on 127.0.0.1: never the real network."""
+"""tinygpt.hub.download against a local HTTP server on 127.0.0.1: never the real network."""
 import hashlib
 import socket
 import threading
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinygpt import download as dl
-from tinygpt.cli import main as cli_main
-from tinygpt.download import DownloadError, download_gpt2, resolve_gpt2
+from tinygpt.hub import download as dl
+from tinygpt.commands.cli import main as cli_main
+from tinygpt.hub.download import DownloadError, download_gpt2, resolve_gpt2
 
 NAME = "gpt2-medium"          # not in KNOWN_FILES, so the server's X-Linked-Etag is the reference
 MODEL_PATH = f"/openai-community/{NAME}/resolve/main/model.safetensors"
@@ -298,8 +298,8 @@ def test_download_and_load_a_smollm2_hub_folder(hub, tmp_path, shared, capsys):
             "--quiet"]
     assert cli_main(argv) == 0
     assert "tokenizer.json" in capsys.readouterr().out
-    from tinygpt.llama import Llama
-    from tinygpt.weights import load_pretrained
+    from tinygpt.models.llama import Llama
+    from tinygpt.hub.pretrained import load_pretrained
     model, tok = load_pretrained("smollm2-135m-instruct", tmp_path, download=False)
     assert isinstance(model, Llama) and tok.encode("Every effort moves you") == [8600, 3867,
                                                                                   7488, 346]

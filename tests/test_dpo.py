@@ -10,17 +10,17 @@ from hypothesis import strategies as st
 
 from tests.conftest import GRAD_ATOL, GRAD_RTOL
 from tests.strategies import arrays
-from tinygpt.autograd import Tensor
-from tinygpt import cli
-from tinygpt.data import DataLoader
+from tinygpt.autograd.tensor import Tensor
+from tinygpt.commands import cli
+from tinygpt.text.data import DataLoader
 from tinygpt.finetune.dpo import (DPOObjective, PreferenceDataset, count_tokens, dpo_loss,
                                   model_logprobs, read_preference_data, sequence_logprobs)
 from tinygpt.finetune.instruct import split_instruction_data
-from tinygpt.finetune.templates import format_prompt
-from tinygpt.gradcheck import gradcheck
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.tokenizer import CharTokenizer, GPT2Tokenizer
-from tinygpt.train import TrainConfig, evaluate, train
+from tinygpt.text.templates import format_prompt
+from tinygpt.autograd.gradcheck import gradcheck
+from tinygpt.models.gpt import GPT, GPTConfig
+from tinygpt.text.tokenizer import CharTokenizer, GPT2Tokenizer
+from tinygpt.training.train import TrainConfig, evaluate, train
 
 LN2 = math.log(2.0)        # the loss when policy = reference: -log sigmoid(0)
 EXACT = 1e-6               # float32 forward passes of identical inputs in another batch shape
@@ -239,7 +239,7 @@ def test_reduction_of_reference_and_loss_must_agree():
 @pytest.fixture
 def tiny_run(tmp_path):
     """A saved tiny GPT with GPT-2's tokenizer and 40 preference entries (alpaca prompts)."""
-    from tinygpt.weights import save_pretrained
+    from tinygpt.hub.pretrained import save_pretrained
     entries = [dict(ENTRIES[i % 8], instruction=f"Task {i}") for i in range(40)]
     tok = GPT2Tokenizer()
     cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tinygpt.checkpoint import load_checkpoint, save_checkpoint
-from tinygpt.data import pretrain_data, prepare
-from tinygpt.safetensors import load_safetensors, save_safetensors
+from tinygpt.training.checkpoint import load_checkpoint, save_checkpoint
+from tinygpt.text.data import pretrain_data, prepare
+from tinygpt.formats.safetensors import load_safetensors, save_safetensors
 
 _names = itertools.count()
 SECONDS = 2.0                       # far above any honest read of these tiny files

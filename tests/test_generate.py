@@ -1,8 +1,8 @@
-"""Generation (tinygpt/generate.py): greedy, KV cache vs none, streaming, sampling, eos, errors."""
+"""Generation (tinygpt/inference/generate.py): greedy, KV cache vs none, streaming, sampling, eos, errors."""
 import numpy as np
 import pytest
 
-from tinygpt.generate import generate, next_token_logits, sample, stream
+from tinygpt.inference.generate import generate, next_token_logits, sample, stream
 from tests.test_model import tiny_model
 
 V, BLOCK = 11, 8

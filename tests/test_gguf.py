@@ -1,4 +1,4 @@
-"""tinygpt.gguf: round trips through an independent test writer, the real SmolLM2 file, corrupt
+"""tinygpt.formats.gguf: round trips through an independent test writer, the real SmolLM2 file, corrupt
 files (each a one-line GGUFError), and a fuzz test of random corruptions.
 
 The long fuzz run is behind a marker: `pytest tests/test_gguf.py -m fuzz`.
@@ -16,7 +16,7 @@ from tests.conftest import SHARED
 from tests.gguf_writer import (GGML_TYPES, NUMPY_TYPES, Tensor, build_gguf, expected_value,
                                tensor_bytes)
 from tests.test_quant import _spec
-from tinygpt.gguf import GGUFError, dequantize, read_gguf
+from tinygpt.formats.gguf import GGUFError, dequantize, read_gguf
 
 _names = itertools.count()
 

@@ -14,7 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests.conftest import SHARED
-from tinygpt.hf_tokenizer import (GGUF_CONTROL, SMOLLM2_SYSTEM_PROMPT, HFTokenizer,
+from tinygpt.text.hf_tokenizer import (GGUF_CONTROL, SMOLLM2_SYSTEM_PROMPT, HFTokenizer,
                                   apply_chat_template)
 
 FIXTURE = SHARED / "fixtures" / "smollm2-135m-instruct"
@@ -105,7 +105,7 @@ def test_chat_prompt_text_and_ids(tok, gguf_tok, meta, expected):
 
 
 def test_the_real_gguf_file(meta, expected):
-    gguf = pytest.importorskip("tinygpt.gguf")  # the reader lives there; this class needs none
+    gguf = pytest.importorskip("tinygpt.formats.gguf")  # the reader lives there; this class needs none
     if not (FIXTURE / "model.gguf").is_file():
         pytest.skip(f"{FIXTURE / 'model.gguf'} not found")
     metadata, _ = gguf.read_gguf(FIXTURE / "model.gguf")
@@ -181,7 +181,7 @@ def test_bytes_without_a_token_are_dropped_like_hugging_face(tok):
 
 
 def test_streaming_holds_back_split_characters(tok):
-    from tinygpt.generate import TextStream
+    from tinygpt.inference.generate import TextStream
     text = "naïve café 👩\u200d👩\u200d👧 🇫🇷 日本語 ½"
     ids = tok.encode(text)
     assert any(tok.decode([i]).endswith("\ufffd") for i in ids)  # some tokens split a character
@@ -221,7 +221,7 @@ def test_chat_template_turns():
 
 def test_same_prompt_as_the_finetune_templates():
     # two definitions of one format until one imports the other: they must not drift apart
-    templates = pytest.importorskip("tinygpt.finetune.templates")
+    templates = pytest.importorskip("tinygpt.text.templates")
     for messages in ([{"role": "user", "content": "Hi"}],
                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                       {"role": "assistant", "content": "Hello!"}]):

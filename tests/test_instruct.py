@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from tinygpt import GPT, GPTConfig
-from tinygpt.cli import main
+from tinygpt.commands.cli import main
 from tinygpt.finetune.instruct import (InstructionDataset, collate, end_token_id,
                                        generate_responses, read_instruction_data, respond,
                                        save_responses, split_instruction_data)
-from tinygpt.finetune.templates import format_prompt
-from tinygpt.tokenizer import get_tokenizer
-from tinygpt.weights import save_pretrained
+from tinygpt.text.templates import format_prompt
+from tinygpt.text.tokenizer import get_tokenizer
+from tinygpt.hub.pretrained import save_pretrained
 
 E = 50256
 ENTRIES = [{"instruction": f"Say {w}.", "input": "" if i % 2 else "loudly", "output": w}
@@ -118,7 +118,7 @@ def test_long_entries_are_counted_and_cut(gpt2_tok):
 
 
 def test_chatml_ends_at_im_end_and_keeps_it_as_a_target(shared):
-    from tinygpt.hf_tokenizer import HFTokenizer
+    from tinygpt.text.hf_tokenizer import HFTokenizer
     tok = HFTokenizer.from_tokenizer_json(shared / "fixtures" / "smollm2-135m-instruct" /
                                           "tokenizer" / "tokenizer.json")
     ds = InstructionDataset(ENTRIES[:2], tok, "chatml")

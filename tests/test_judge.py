@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tinygpt.cli import main
-from tinygpt.judge import (JudgeError, endpoint, judge_prompt, query_with_retries,
+from tinygpt.commands.cli import main
+from tinygpt.apps.judge import (JudgeError, endpoint, judge_prompt, query_with_retries,
                            score_responses)
 
 ENTRIES = [

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from tinygpt import no_grad
-from tinygpt.generate import generate
-from tinygpt.llama import Llama, LlamaConfig
-from tinygpt.llama_weights import _unpermute, load_gguf, load_llama, load_llama_hf, save_llama_hf
+from tinygpt.inference.generate import generate
+from tinygpt.models.llama import Llama, LlamaConfig
+from tinygpt.hub.llama import _unpermute, load_gguf, load_llama, load_llama_hf, save_hub
 from tests.conftest import MODEL32_ATOL, MODEL32_RTOL
 from tests.test_nn import gradcheck_parameters, to_float64
 
@@ -112,7 +112,7 @@ def test_tiny_hub_llama_matches_transformers(shared):
 
 def test_save_and_load_hub_layout_round_trip(tmp_path):
     model = tiny_llama(np.float32, seed=4, noise=0.3, tie_weights=False).astype(np.float32)
-    save_llama_hf(model, tmp_path / "out")
+    save_hub(model, tmp_path / "out")
     again = load_llama_hf(tmp_path / "out")
     idx = np.array([[1, 2, 3]])
     np.testing.assert_array_equal(again(idx).data, model(idx).data)
@@ -121,7 +121,7 @@ def test_save_and_load_hub_layout_round_trip(tmp_path):
 
 def test_hub_layout_errors_name_the_file(tmp_path):
     model = tiny_llama(np.float32).astype(np.float32)
-    save_llama_hf(model, tmp_path / "m")
+    save_hub(model, tmp_path / "m")
     cfg = (tmp_path / "m" / "config.json").read_text().replace('"hidden_size": 8', '"hidden_size": 16')
     (tmp_path / "m" / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match=r"model.safetensors: weights do not fit.*wrong shape"):

@@ -9,16 +9,17 @@ from tests.conftest import GRAD_ATOL, GRAD_RTOL
 from tests.strategies import arrays
 from tests.test_nn import gradcheck_parameters
 from tinygpt import GPT, GPTConfig
-from tinygpt import functional as F
-from tinygpt.autograd import Tensor
+from tinygpt.autograd import functional as F
+from tinygpt.autograd.tensor import Tensor
 from tinygpt.finetune.lora import (ADAPTER_CONFIG, LoRALinear, apply_lora, base_fingerprint,
                                    load_adapter, lora_layers, merge, save_adapter, unload,
                                    unmerge)
-from tinygpt.gradcheck import gradcheck
-from tinygpt.llama import Llama, LlamaConfig
-from tinygpt.nn import Linear
-from tinygpt.train import TrainConfig, train
-from tinygpt.weights import load_gpt2, save_pretrained
+from tinygpt.autograd.gradcheck import gradcheck
+from tinygpt.models.llama import Llama, LlamaConfig
+from tinygpt.models.nn import Linear
+from tinygpt.training.train import TrainConfig, train
+from tinygpt.hub.gpt2 import load_gpt2
+from tinygpt.hub.pretrained import save_pretrained
 
 MERGE_ATOL = 1e-5        # the bound: merged vs unmerged float32 logits
 

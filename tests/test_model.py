@@ -1,4 +1,4 @@
-"""The GPT (tinygpt/model.py): config checks, sizes, causality, init loss, overfit, gradients."""
+"""The GPT (tinygpt/models/gpt.py): config checks, sizes, causality, init loss, overfit, gradients."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinygpt import GPT, GPTConfig, no_grad
-from tinygpt.model import PRESETS
+from tinygpt.models.gpt import PRESETS
 from tests.conftest import MODEL32_ATOL, MODEL32_RTOL
 from tests.test_nn import gradcheck_parameters, to_float64
 

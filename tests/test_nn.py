@@ -1,12 +1,12 @@
-"""Layers (tinygpt/nn.py): parameter discovery and names, train/eval, state dicts, gradients."""
+"""Layers (tinygpt/models/nn.py): parameter discovery and names, train/eval, state dicts, gradients."""
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tinygpt import Tensor, no_grad
-from tinygpt.gradcheck import gradcheck
-from tinygpt.nn import MLP, CausalSelfAttention, Dropout, LayerNorm, Linear, Module, Parameter
+from tinygpt.autograd.gradcheck import gradcheck
+from tinygpt.models.nn import MLP, CausalSelfAttention, Dropout, LayerNorm, Linear, Module, Parameter
 from tests.conftest import GRAD_ATOL, GRAD_RTOL
 from tests.strategies import arrays
 
@@ -31,7 +31,7 @@ def _owner(module: Module, name: str) -> tuple[object, str]:
 def gradcheck_parameters(module: Module, forward, seed: int = 0) -> bool:
     """Central differences for every parameter of `module`, through `forward()` -> Tensor.
 
-    Each parameter becomes an input of tinygpt.gradcheck (all elements up to 64, past that 16
+    Each parameter becomes an input of tinygpt.autograd.gradcheck (all elements up to 64, past that 16
     sampled elements plus one random direction), swapped into the module for each evaluation.
     """
     names = [name for name, _ in module.named_parameters()]

@@ -4,10 +4,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import tinygpt.functional as F
+import tinygpt.autograd.functional as F
 from tinygpt import Tensor
-from tinygpt.autograd import Function
-from tinygpt.gradcheck import GradcheckError, gradcheck
+from tinygpt.autograd.tensor import Function
+from tinygpt.autograd.gradcheck import GradcheckError, gradcheck
 from tests.strategies import arrays, broadcastable_pair, shapes
 
 
@@ -230,7 +230,7 @@ def test_multihead_attention_grad_and_equals_split_attend_merge(data):
 
 
 def test_multihead_attention_with_a_cache_attends_over_it_and_refuses_backward():
-    from tinygpt.nn import KVCache
+    from tinygpt.models.nn import KVCache
     rng = np.random.default_rng(0)
     B, NH, HS, T = 1, 2, 4, 5
     qkv = rng.standard_normal((B, T, 3 * NH * HS))
@@ -330,7 +330,7 @@ def _rope_reference(x, positions, base):
 
 @given(st.data())
 def test_rope_grad_and_rotation(data):
-    from tinygpt.fused import rope_tables
+    from tinygpt.autograd.fused import rope_tables
     T, HS = data.draw(st.integers(1, 5)), 2 * data.draw(st.integers(1, 3))
     start = data.draw(st.integers(0, 4))
     x = data.draw(arrays((2, T, HS)))
@@ -345,7 +345,7 @@ def test_rope_grad_and_rotation(data):
 @given(st.data())
 def test_grouped_query_attention_grad_and_equals_repeated_heads(data):
     """GQA = multi-head attention whose key/value heads are repeated for each query group."""
-    from tinygpt.fused import rope_tables
+    from tinygpt.autograd.fused import rope_tables
     B, T = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5))
     KV, group, HS = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), 2
     NH = KV * group
@@ -373,8 +373,8 @@ def test_grouped_query_attention_grad_and_equals_repeated_heads(data):
 
 
 def test_grouped_query_attention_with_a_cache_and_rope_matches_the_whole_sequence():
-    from tinygpt.fused import rope_tables
-    from tinygpt.nn import KVCache
+    from tinygpt.autograd.fused import rope_tables
+    from tinygpt.models.nn import KVCache
     rng = np.random.default_rng(0)
     B, NH, KV, HS, T = 1, 4, 2, 4, 6
     q, k, v = (rng.standard_normal((B, T, n * HS)) for n in (NH, KV, KV))
@@ -428,7 +428,7 @@ def test_fused_ops_keep_dtype(dtype):
     assert F.multihead_attention(F.concatenate([x, x, x], axis=-1), 2).dtype == dtype
     assert F.rms_norm(x, w).dtype == dtype
     assert F.cross_entropy(x, np.zeros((2, 3), np.int64), reduction="none").dtype == dtype
-    from tinygpt.fused import rope_tables
+    from tinygpt.autograd.fused import rope_tables
     cos, sin = rope_tables(4, 3, dtype=dtype)
     assert F.rope(x, cos, sin).dtype == dtype
     kv = x[..., :2]

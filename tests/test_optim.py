@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tinygpt import GPT, GPTConfig, Tensor
-from tinygpt.optim import (SGD, AdamW, clip_coef, clip_grad_norm, global_grad_norm, lr_at,
+from tinygpt.training.optim import (SGD, AdamW, clip_coef, clip_grad_norm, global_grad_norm, lr_at,
                            should_decay)
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)

@@ -1,4 +1,4 @@
-"""Pictures (tinygpt/plots.py, checkpoint.py's run curves, the attention/tokenize/plot-lr commands):
+"""Pictures (tinygpt/apps/plots.py, checkpoint.py's run curves, the attention/tokenize/plot-lr commands):
 each PNG is written, decodes, has its size and is not blank; the attention weights drawn are the
 ones the forward pass used, checked against q and k by hand for GPT-2 and Llama; the tokenize
 command's ids and byte spans."""
@@ -9,14 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-import tinygpt.checkpoint
-import tinygpt.plots
-from tinygpt import cli, no_grad
-from tinygpt.checkpoint import plot_losses, write_log
+import tinygpt.training.checkpoint
+import tinygpt.apps.plots
+from tinygpt import no_grad
+from tinygpt.commands import cli
+from tinygpt.training.checkpoint import plot_losses, write_log
 from tinygpt.commands import plots as commands
-from tinygpt.plots import attention_maps, confusion_matrix, record_attention, token_spans
-from tinygpt.tokenizer import CharTokenizer, GPT2Tokenizer
-from tinygpt.train import TrainConfig
+from tinygpt.apps.plots import attention_maps, confusion_matrix, record_attention, token_spans
+from tinygpt.text.tokenizer import CharTokenizer, GPT2Tokenizer
+from tinygpt.training.train import TrainConfig
 from tests.test_llama import tiny_llama
 from tests.test_model import tiny_model
 
@@ -131,7 +132,7 @@ def test_attention_command_on_the_gpt2_fixture(shared, tmp_path, capsys):
 
 @needs_mpl
 def test_attention_of_one_llama_layer_wraps_its_heads(tmp_path):
-    from tinygpt.plots import plot_attention
+    from tinygpt.apps.plots import plot_attention
     model = tiny_llama(np.float32, noise=0.5)
     tok = CharTokenizer("abcdefghijklm")                          # 13 ids, the tiny vocab
     maps = plot_attention(model, tok, "abcab", tmp_path / "a.png", layers=[-1])
@@ -234,7 +235,7 @@ def test_write_log_draws_the_schedule_beside_the_losses(tmp_path):
 
 @needs_mpl
 def test_training_writes_lr_png(tmp_path):
-    from tinygpt.train import train
+    from tinygpt.training.train import train
     model = tiny_model(np.float32)
     rng = np.random.default_rng(0)
     batches = [(x, np.roll(x, -1, axis=1)) for x in rng.integers(0, 11, (4, 2, 8))]
@@ -261,7 +262,7 @@ def test_classifier_and_dpo_logs_get_a_second_panel(tmp_path):
 
 @needs_mpl
 def test_confusion_matrix(tmp_path):
-    from tinygpt.plots import plot_confusion
+    from tinygpt.apps.plots import plot_confusion
     labels, predictions = [0, 0, 1, 1, 1], [0, 1, 1, 1, 0]
     assert confusion_matrix(labels, predictions, 2).tolist() == [[1, 1], [1, 2]]
     plot_confusion(labels, predictions, ["ham", "spam"], tmp_path / "cm.png")
@@ -271,12 +272,12 @@ def test_confusion_matrix(tmp_path):
 
 
 def test_without_matplotlib_run_curves_are_skipped_silently(tmp_path, monkeypatch):
-    monkeypatch.setattr(tinygpt.checkpoint, "pyplot", lambda: None)
+    monkeypatch.setattr(tinygpt.training.checkpoint, "pyplot", lambda: None)
     write_log(_rows(2), tmp_path, lambda s: 1e-3, 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
-    monkeypatch.setattr(tinygpt.plots, "pyplot", lambda: None)
+    monkeypatch.setattr(tinygpt.apps.plots, "pyplot", lambda: None)
     with pytest.raises(ImportError, match=r"pip install 'tinygpt\[plot\]'"):
-        tinygpt.plots.lr_schedule_figure(TrainConfig(max_steps=10))
+        tinygpt.apps.plots.lr_schedule_figure(TrainConfig(max_steps=10))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main(["plot-lr", "--lr", "1e-3", "--max-steps", "9",
                           "--out", str(tmp_path / "x.png")]) == 2

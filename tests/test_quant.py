@@ -2,7 +2,7 @@
 straight from the format's definition, bit for bit, on random blocks with tricky float16 scales.
 
 The per-block references below read one block at a time with `struct` and scalar float32
-arithmetic in ggml's order; they share nothing with tinygpt/quant.py but the formulas.
+arithmetic in ggml's order; they share nothing with tinygpt/kernels/quant.py but the formulas.
 """
 import os
 import struct
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from tinygpt import quant
+from tinygpt.kernels import quant
 
 F32 = np.float32
 
@@ -153,7 +153,7 @@ def test_nbytes_and_bad_inputs():
 
 
 def test_numba_switch():
-    code = ("from tinygpt import quant; "
+    code = ("from tinygpt.kernels import quant; "
             "assert quant.dequantize_q8_0 is quant.dequantize_q8_0_ref; "
             "assert quant.dequantize_q6_k is quant.dequantize_q6_k_ref")
     env = {**os.environ, "TINYGPT_NUMBA": "0"}

@@ -32,3 +32,18 @@ def test_ci_runs_the_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install' in install and '-e ".[test]"' in ci and '-e ".[test]"' in install
     assert tests.strip() in ci.replace(" -q -p no:cacheprovider", "")
+
+
+def test_the_folder_tree_is_the_layering_in_order():
+    """The README's tree under "## The folders" names every folder of tinygpt/, bottom floor
+    first, in the order tests/test_layers.py's FLOORS gives them."""
+    from tests.test_layers import FLOORS
+    section = README.split("## The folders", 1)[1].split("\n## ", 1)[0]
+    tree = re.search(r"```\n(.*?)```", section, re.S).group(1)
+    listed = re.findall(r"^[├└]── (\w+)/", tree, re.M)
+    assert listed == sorted(FLOORS, key=lambda f: (FLOORS[f], list(FLOORS).index(f)))
+    for folder in listed:                       # and its modules are in the table below it
+        modules = sorted(p.name for p in (ROOT / "tinygpt" / folder).glob("*.py")
+                         if p.name not in ("__init__.py", "__main__.py"))
+        row = re.search(rf"^\| `{folder}/` \| (.*?) \|", section, re.M).group(1)
+        assert re.findall(r"`([\w.]+)`", row) == modules, folder

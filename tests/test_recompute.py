@@ -5,11 +5,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import tinygpt.functional as F
+import tinygpt.autograd.functional as F
 from tinygpt import GPT, GPTConfig, Tensor, no_grad
-from tinygpt.autograd import checkpoint
-from tinygpt.gradcheck import gradcheck
-from tinygpt.llama import Llama, LlamaConfig
+from tinygpt.autograd.tensor import checkpoint
+from tinygpt.autograd.gradcheck import gradcheck
+from tinygpt.models.llama import Llama, LlamaConfig
 from tests.strategies import arrays
 
 # float32 models: the recomputation repeats the same float32 operations, so the only difference

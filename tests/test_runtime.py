@@ -1,4 +1,4 @@
-"""The process-wide settings of tinygpt/runtime.py, each checked in a fresh interpreter."""
+"""The process-wide settings of tinygpt/core/runtime.py, each checked in a fresh interpreter."""
 import os
 import subprocess
 import sys

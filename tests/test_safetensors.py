@@ -1,4 +1,4 @@
-"""tinygpt.safetensors against the reference `safetensors` package, corrupt files, the fixture."""
+"""tinygpt.formats.safetensors against the reference `safetensors` package, corrupt files, the fixture."""
 import json
 import re
 import struct
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tinygpt.safetensors import load_safetensors, read_header, save_safetensors
+from tinygpt.formats.safetensors import load_safetensors, read_header, save_safetensors
 
 st_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -168,7 +168,7 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     def fail(*args):
         raise Boom
 
-    monkeypatch.setattr("tinygpt.safetensors.os.fsync", fail)
+    monkeypatch.setattr("tinygpt.formats.safetensors.os.fsync", fail)
     with pytest.raises(Boom):
         save_safetensors({"a": np.zeros(1000, np.float32)}, path)
     assert path.read_bytes() == old                   # the old file, untouched

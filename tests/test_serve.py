@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.chat_fakes import ScriptedModel, save_tiny_gpt, says, tiny_gpt
-from tinygpt.cli import main
-from tinygpt.serve import make_server
-from tinygpt.tokenizer import GPT2Tokenizer
+from tinygpt.commands.cli import main
+from tinygpt.apps.serve import make_server
+from tinygpt.text.tokenizer import GPT2Tokenizer
 
 TOK = GPT2Tokenizer()
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tinygpt.finetune.templates import (chatml, extract_response, format_example, format_input,
+from tinygpt.text.templates import (chatml, extract_response, format_example, format_input,
                                         format_prompt, get_template)
 
 ENTRY = {"instruction": "Rewrite the sentence using a simile.",

@@ -6,8 +6,9 @@ import pytest
 import tiktoken
 import tiktoken.load
 
-from tinygpt import bpe, tokenizer
-from tinygpt.tokenizer import CharTokenizer, GPT2Tokenizer, get_tokenizer
+from tinygpt.text import bpe
+from tinygpt.text import tokenizer
+from tinygpt.text.tokenizer import CharTokenizer, GPT2Tokenizer, get_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +129,8 @@ def test_char_tokenizer_bad_inputs(tmp_path):
 
 
 def test_save_and_load_tokenizer_every_kind(tmp_path):
-    from tinygpt.bpe import BPETokenizer
-    from tinygpt.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+    from tinygpt.text.bpe import BPETokenizer
+    from tinygpt.text.tokenizer import TOKENIZER_FILE, load_tokenizer, save_tokenizer
     text = "the cat sat on the mat; the dog sat too. " * 5
     for tok in (GPT2Tokenizer(), CharTokenizer.from_text(text), BPETokenizer.train(text, 270)):
         save_tokenizer(tok, tmp_path)

@@ -13,13 +13,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import tinygpt.safetensors
+import tinygpt.formats.safetensors
 from tinygpt import GPT, GPTConfig
-from tinygpt import cli, download
-from tinygpt.checkpoint import load_checkpoint, read_record
-from tinygpt.data import DataLoader, GPTDataset
-from tinygpt.tokenizer import CharTokenizer
-from tinygpt.train import TrainConfig, TrainingDiverged, default_loss, estimate_loss, train
+from tinygpt.commands import cli
+from tinygpt.hub import download
+from tinygpt.training.checkpoint import load_checkpoint, read_record
+from tinygpt.text.data import DataLoader, GPTDataset
+from tinygpt.text.tokenizer import CharTokenizer
+from tinygpt.training.train import TrainConfig, TrainingDiverged, default_loss, estimate_loss, train
 
 TEXT = "".join(f"the cat {w} on the mat. a dog {w} by the door.\n"
                for w in ("sat", "ran", "lay", "hid", "sat", "ran", "ate", "sat") * 6)
@@ -113,7 +114,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    real_save = tinygpt.checkpoint.save_safetensors
+    real_save = tinygpt.training.checkpoint.save_safetensors
     saves = []
 
     def save_then_disk_full(tensors, path, metadata=None):
@@ -121,10 +122,10 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         if len(saves) == 2:                             # the temp file is written, then fsync fails
             def no_space(fd):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            monkeypatch.setattr(tinygpt.safetensors.os, "fsync", no_space)
+            monkeypatch.setattr(tinygpt.formats.safetensors.os, "fsync", no_space)
         return real_save(tensors, path, metadata)
 
-    monkeypatch.setattr(tinygpt.checkpoint, "save_safetensors", save_then_disk_full)
+    monkeypatch.setattr(tinygpt.training.checkpoint, "save_safetensors", save_then_disk_full)
     with pytest.raises(OSError, match=r"No space left.*previous checkpoint \(step 2\) is intact"):
         train(GPT(MODEL), *_loaders(), _cfg(max_steps=4, ckpt_freq=2, out_dir=str(tmp_path)),
               progress=False)
@@ -246,7 +247,7 @@ def test_cli_disk_full(tiny_run, tmp_path, capsys, monkeypatch):
 def test_cli_disk_full_at_the_first_checkpoint(tiny_run, tmp_path, capsys, monkeypatch):
     def no_space(tensors, path, metadata=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(tinygpt.checkpoint, "save_safetensors", no_space)
+    monkeypatch.setattr(tinygpt.training.checkpoint, "save_safetensors", no_space)
     err = _cli_error(tiny_run[2] + ["--out", str(tmp_path / "run")], capsys)
     assert "No space left on device" in err and "no earlier checkpoint" in err
 
@@ -432,7 +433,7 @@ def test_cli_generate_from_an_unfinished_run_says_resume(tiny_run, tmp_path, cap
 
 
 def test_cli_pretrain_accepts_a_hugging_face_config_json(tiny_run, tmp_path, capsys):
-    from tinygpt.weights import config_to_hf
+    from tinygpt.hub.gpt2 import config_to_hf
     _, model_json, argv = tiny_run
     hf = config_to_hf(GPTConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16,
                                 tie_weights=True))

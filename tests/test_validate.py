@@ -1,4 +1,4 @@
-"""tinygpt.validate and the Python API's bad-input checks: typed configs, finite numbers, JSON
+"""tinygpt.core.validate and the Python API's bad-input checks: typed configs, finite numbers, JSON
 objects, NaN weights (GPT-2 and Llama), tiny temperatures, leftovers of a killed run."""
 import json
 import math
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from tinygpt import GPT, GPTConfig
-from tinygpt.checkpoint import prepare_run_dir
-from tinygpt.generate import generate
-from tinygpt.llama import Llama, LlamaConfig
-from tinygpt.llama_weights import load_llama_hf, save_llama_hf
-from tinygpt.train import TrainConfig
-from tinygpt.validate import (check_fields, check_number, check_text, read_json_object,
+from tinygpt.training.checkpoint import prepare_run_dir
+from tinygpt.inference.generate import generate
+from tinygpt.models.llama import Llama, LlamaConfig
+from tinygpt.hub.llama import load_llama_hf, save_hub
+from tinygpt.training.train import TrainConfig
+from tinygpt.core.validate import (check_fields, check_number, check_text, read_json_object,
                               short_list)
 
 
@@ -96,13 +96,13 @@ LLAMA = dict(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_e
 def test_llama_nan_weight_is_named(tmp_path):
     model = Llama(LlamaConfig(**LLAMA))
     dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"].data[0, 0] = np.nan
-    save_llama_hf(model, tmp_path / "m")
+    save_hub(model, tmp_path / "m")
     with pytest.raises(ValueError, match=r"model.safetensors: tensor model.layers.0.mlp.up_proj"):
         load_llama_hf(tmp_path / "m")
 
 
 def test_llama_config_far_larger_than_its_file_is_named_before_allocating(tmp_path):
-    save_llama_hf(Llama(LlamaConfig(**LLAMA)), tmp_path / "m")
+    save_hub(Llama(LlamaConfig(**LLAMA)), tmp_path / "m")
     path = tmp_path / "m" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "vocab_size": 10**15}))
     with pytest.raises(ValueError, match="vocab_size 1000000000000000"):
@@ -110,7 +110,7 @@ def test_llama_config_far_larger_than_its_file_is_named_before_allocating(tmp_pa
 
 
 def test_resume_removes_what_a_killed_run_left(tmp_path):
-    from tinygpt.checkpoint import save_checkpoint
+    from tinygpt.training.checkpoint import save_checkpoint
     save_checkpoint(tmp_path, {"w": np.zeros(2, np.float32)}, {"step": 2})
     for name in (".log.csv.abc.tmp", ".loss.png.def.tmp", "ckpt-0000003.safetensors"):
         (tmp_path / name).write_bytes(b"x")
@@ -120,7 +120,7 @@ def test_resume_removes_what_a_killed_run_left(tmp_path):
 
 
 def test_matmul_error_reports_the_shapes_passed():
-    from tinygpt.autograd import Tensor
+    from tinygpt.autograd.tensor import Tensor
     with pytest.raises(ValueError) as e:
         Tensor(np.ones(3)) @ Tensor(np.ones(4))
     assert "(1, 3)" not in str(e.value) and "(3,) and (4,)" in str(e.value)

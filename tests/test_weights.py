@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinygpt.autograd import no_grad
-from tinygpt.generate import generate, next_token_logits
-from tinygpt.model import GPT, GPTConfig
-from tinygpt.safetensors import load_safetensors, save_safetensors
-from tinygpt.weights import config_from_hf, load_gpt2, save_pretrained
+from tinygpt.autograd.tensor import no_grad
+from tinygpt.inference.generate import generate, next_token_logits
+from tinygpt.models.gpt import GPT, GPTConfig
+from tinygpt.formats.safetensors import load_safetensors, save_safetensors
+from tinygpt.hub.gpt2 import config_from_hf, load_gpt2
+from tinygpt.hub.pretrained import save_pretrained
 
 # float32 model vs HF float64 (fixture README: HF's own float32-vs-float64 gap is under 3e-6)
 PARITY_RTOL, PARITY_ATOL = 1e-4, 1e-4
@@ -214,7 +215,7 @@ def test_transformers_reads_our_export(model, tmp_path, expected):
 @pytest.mark.skipif(not (REAL_GPT2 / "model.safetensors").is_file(),
                     reason="weights/gpt2/model.safetensors not downloaded (tinygpt download gpt2)")
 def test_real_gpt2_every_effort_moves_you():
-    from tinygpt.tokenizer import GPT2Tokenizer
+    from tinygpt.text.tokenizer import GPT2Tokenizer
     tok = GPT2Tokenizer()
     model = load_gpt2(REAL_GPT2)
     out = generate(model, np.array([tok.encode("Every effort moves you")]), 25)
@@ -226,8 +227,8 @@ def test_real_gpt2_every_effort_moves_you():
 # --- trained models with their tokenizer ----------------------------------------------------------
 
 def test_save_and_load_pretrained_with_a_char_tokenizer(tmp_path):
-    from tinygpt.tokenizer import CharTokenizer
-    from tinygpt.weights import load_pretrained
+    from tinygpt.text.tokenizer import CharTokenizer
+    from tinygpt.hub.pretrained import load_pretrained
     tok = CharTokenizer.from_text("hello world")
     model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=8, n_layer=1, n_head=2, n_embd=8))
     model.requires_grad_(False)                        # frozen parameters are saved all the same
@@ -239,14 +240,14 @@ def test_save_and_load_pretrained_with_a_char_tokenizer(tmp_path):
 
 
 def test_hub_directory_without_tokenizer_file_gets_gpt2s(fixture_dir):
-    from tinygpt.tokenizer import GPT2Tokenizer
-    from tinygpt.weights import load_pretrained
+    from tinygpt.text.tokenizer import GPT2Tokenizer
+    from tinygpt.hub.pretrained import load_pretrained
     _, tok = load_pretrained(fixture_dir)
     assert isinstance(tok, GPT2Tokenizer)
 
 
 def test_config_from_json_reads_both_formats(fixture_dir, tmp_path):
-    from tinygpt.weights import config_from_json
+    from tinygpt.hub.gpt2 import config_from_json
     hf = config_from_json(fixture_dir / "config.json")
     assert (hf.n_layer, hf.n_embd, hf.block_size, hf.tie_weights) == (2, 64, 128, True)
     ours = tmp_path / "ours.json"

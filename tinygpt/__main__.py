@@ -1,5 +1,5 @@
 import sys
 
-from tinygpt.cli import main
+from tinygpt.commands.cli import main
 
 sys.exit(main())

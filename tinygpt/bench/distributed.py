@@ -21,7 +21,7 @@ T, BATCH = 256, 8
 
 
 def _model_config(tiny: bool):
-    from tinygpt import GPTConfig
+    from tinygpt.models.gpt import GPTConfig
     if tiny:
         return GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64,
                          dropout=0.0)
@@ -34,8 +34,10 @@ def worker(steps: int, tiny: bool) -> None:
 
     import numpy as np
 
-    from tinygpt import GPT, distributed, runtime
-    from tinygpt.train import TrainConfig, make_optimizer, train_step
+    from tinygpt.models.gpt import GPT
+    from tinygpt.training import distributed
+    from tinygpt.core import runtime
+    from tinygpt.training.train import TrainConfig, make_optimizer, train_step
     ctx = distributed.setup()
     with ctx:
         runtime.keep_freed_memory()                    # as train() does
@@ -67,10 +69,10 @@ def worker(steps: int, tiny: bool) -> None:
 def _run(ranks: int, steps: int, tiny: bool) -> dict:
     import subprocess
 
-    from tinygpt import distributed
+    from tinygpt.training import mpirun
     command = [sys.executable, "-m", "tinygpt.bench.distributed", "--worker", "--steps",
                str(steps), *(["--tiny"] if tiny else [])]
-    cmd, env = distributed.mpiexec_command(ranks, command, threads=1)
+    cmd, env = mpirun.mpiexec_command(ranks, command, threads=1)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{ranks} ranks failed:\n{proc.stdout}{proc.stderr}")

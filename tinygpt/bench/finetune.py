@@ -53,7 +53,7 @@ def _gguf() -> Path:
 
 
 def _tokenizer():
-    from tinygpt.hf_tokenizer import HFTokenizer
+    from tinygpt.text.hf_tokenizer import HFTokenizer
     path = _shared() / "fixtures" / "smollm2-135m-instruct" / "tokenizer" / "tokenizer.json"
     return HFTokenizer.from_tokenizer_json(path)
 
@@ -98,17 +98,17 @@ def classifier_batch() -> tuple[np.ndarray, np.ndarray]:
 
 def tinygpt_model(name: str):
     if name == "smollm2":
-        from tinygpt.llama_weights import load_gguf
+        from tinygpt.hub.llama import load_gguf
         return load_gguf(_gguf())
-    from tinygpt import GPT, GPTConfig
+    from tinygpt.models.gpt import GPT, GPTConfig
     return GPT(GPTConfig.preset("gpt2", qkv_bias=True, tie_weights=True), seed=0)
 
 
 # --- tinygpt -------------------------------------------------------------------------------------
 
 def run_tinygpt(model_name: str, case: str, steps: int, recompute: bool) -> dict:
-    from tinygpt import runtime
-    from tinygpt.train import TrainConfig, make_optimizer, train_step
+    from tinygpt.core import runtime
+    from tinygpt.training.train import TrainConfig, make_optimizer, train_step
     runtime.keep_freed_memory()                          # as train() does
     model = tinygpt_model(model_name)
     loss_fn, batch, count = None, None, lambda b: 0

@@ -146,8 +146,8 @@ def _stream_gbs(n_bytes: int) -> float:
 
 def _run_child(args) -> dict:
     if args.child == "export":
-        from tinygpt.model import GPT, GPTConfig
-        from tinygpt.weights import save_pretrained
+        from tinygpt.models.gpt import GPT, GPTConfig
+        from tinygpt.hub.pretrained import save_pretrained
         save_pretrained(GPT(GPTConfig.preset("gpt2", qkv_bias=True, tie_weights=True)), args.model)
         return {}
     if args.child == "torch":
@@ -156,14 +156,14 @@ def _run_child(args) -> dict:
 
 
 def _load(args, mode: str):
-    from tinygpt.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     pack = {"blas": None}.get(mode, mode)
     return load_pretrained(args.model, download=False, pack=pack)
 
 
 def _run_tinygpt(args) -> dict:
-    from tinygpt.generate import stream
-    from tinygpt.inference import packed_bytes
+    from tinygpt.inference.generate import stream
+    from tinygpt.inference.pack import packed_bytes
     start = time.perf_counter()
     model, tok = _load(args, args.child)
     load_s = time.perf_counter() - start
@@ -185,8 +185,9 @@ def _run_tinygpt(args) -> dict:
 
 def _split_token(model, prompt: np.ndarray, n: int = 32) -> dict:
     """ms per decoded token in the matrix products, in attention, and in total."""
-    from tinygpt import decode_kernels, inference
-    from tinygpt.generate import stream
+    from tinygpt.kernels import decode as decode_kernels
+    from tinygpt.inference import pack as inference
+    from tinygpt.inference.generate import stream
     spent = {"products": 0.0, "attention": 0.0}
 
     def timed(fn, key):
@@ -214,8 +215,8 @@ def _split_token(model, prompt: np.ndarray, n: int = 32) -> dict:
 
 def _perplexity(model, tok, path: str, window: int = 512) -> float:
     """exp(mean next-token loss) over the text in non-overlapping windows of `window` tokens."""
-    from tinygpt import functional as F
-    from tinygpt.autograd import Tensor, no_grad
+    from tinygpt.autograd import functional as F
+    from tinygpt.autograd.tensor import Tensor, no_grad
     with open(path, encoding="utf-8") as f:
         ids = np.array(tok.encode(f.read()), np.int64)
     window = min(window, model.config.block_size)
@@ -247,7 +248,7 @@ def _run_torch(args) -> dict:
     import torch
 
     from tinygpt.bench import torch_reference as ref
-    from tinygpt.llama import Llama
+    from tinygpt.models.llama import Llama
     torch.set_num_threads(2)
     start = time.perf_counter()
     model, _ = _load(args, "blas")                         # the same arrays, shared by from_numpy

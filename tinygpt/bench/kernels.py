@@ -118,8 +118,8 @@ def _torch_cases(x_ln, dy_ln, w_ln, b_ln, x_g, dy_g, x_sm, dy_sm, logits, target
 def bench_block(repeat: int, B: int = 8, T: int = 256) -> None:
     """Forward + backward of one GPT-2-small Block (C=768, 12 heads) built from tinygpt ops, and
     the same block in PyTorch eager (2 threads, same weights) when torch is installed."""
-    from tinygpt.autograd import Tensor
-    from tinygpt.model import Block, GPTConfig
+    from tinygpt.autograd.tensor import Tensor
+    from tinygpt.models.gpt import Block, GPTConfig
 
     cfg = GPTConfig.preset("gpt2", qkv_bias=True)
     rng = np.random.default_rng(0)
@@ -151,7 +151,7 @@ def _torch_block(block, x: np.ndarray, dy: np.ndarray, n_head: int) -> Callable 
         import torch
     except ImportError:
         return None
-    from tinygpt.autograd import Tensor
+    from tinygpt.autograd.tensor import Tensor
     from tinygpt.bench import torch_reference as ref
     torch.set_num_threads(2)
     w = ref.parameters(block, requires_grad=True)

@@ -11,8 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-from tinygpt.bpe import BPETokenizer
-from tinygpt.tokenizer import GPT2Tokenizer
+from tinygpt.text.bpe import BPETokenizer
+from tinygpt.text.tokenizer import GPT2Tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'tokenizer':<22}{'load s':>7}{'cold s':>8}{'warm s':>8}{'MB/s cold':>11}"
           f"{'MB/s warm':>11}{'tokens/s warm':>15}")
     results = {}
-    for name, tok, load in (("tinygpt.bpe (Python)", ours, load_ours),
+    for name, tok, load in (("tinygpt.text.bpe (Python)", ours, load_ours),
                             ("tiktoken (Rust)", theirs, load_theirs)):
         cold, warm, ids = _time_encode(tok.encode, text, args.repeat)
         results[name] = (warm, ids)

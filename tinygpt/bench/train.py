@@ -68,8 +68,9 @@ def _batch(vocab: int, B: int) -> tuple[np.ndarray, np.ndarray]:
 def run_tinygpt(preset: str, B: int, steps: int) -> dict:
     from itertools import repeat
 
-    from tinygpt import GPT, GPTConfig, runtime
-    from tinygpt.train import TrainConfig, make_optimizer, train_step
+    from tinygpt.models.gpt import GPT, GPTConfig
+    from tinygpt.core import runtime
+    from tinygpt.training.train import TrainConfig, make_optimizer, train_step
     runtime.keep_freed_memory()                  # as train() does
     cfg = GPTConfig.preset(preset, block_size=T, dropout=0.0)
     model = GPT(cfg, seed=0)
@@ -86,9 +87,10 @@ def run_classifier(trainable: str, steps: int) -> dict:
     """One classifier step (forward, loss, backward, clipping, AdamW) of GPT-2 124M with `trainable`
     parameters: everything, or the book's last block + final norm + head. The frozen prefix
     records no graph (see nn.Module.requires_grad_), so its activations are not kept."""
-    from tinygpt import GPT, GPTConfig, runtime
+    from tinygpt.models.gpt import GPT, GPTConfig
+    from tinygpt.core import runtime
     from tinygpt.finetune.classify import Classifier, classification_loss, set_trainable
-    from tinygpt.train import TrainConfig, make_optimizer, train_step
+    from tinygpt.training.train import TrainConfig, make_optimizer, train_step
     runtime.keep_freed_memory()
     cfg = GPTConfig.preset("gpt2", qkv_bias=True, tie_weights=True, block_size=1024)
     model = Classifier(GPT(cfg, seed=0), 2, token_pos="last")
@@ -113,7 +115,7 @@ def run_torch_classifier(trainable: str, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tinygpt import GPT, GPTConfig
+    from tinygpt.models.gpt import GPT, GPTConfig
     from tinygpt.bench import torch_reference as ref
     torch.set_num_threads(2)
     cfg = GPTConfig.preset("gpt2", qkv_bias=True, tie_weights=True, block_size=1024)
@@ -148,7 +150,7 @@ def run_torch_classifier(trainable: str, steps: int) -> dict:
 def run_torch(preset: str, B: int, steps: int, fused_adamw: bool = False) -> dict:
     import torch
 
-    from tinygpt import GPT, GPTConfig
+    from tinygpt.models.gpt import GPT, GPTConfig
     from tinygpt.bench import torch_reference as ref
     torch.set_num_threads(2)
     cfg = GPTConfig.preset(preset, block_size=T, dropout=0.0)

@@ -14,6 +14,6 @@ def save_finetuned(model, out: str | Path, tokenizer, lora_rank: int, base_name:
         from tinygpt.finetune.lora import save_adapter
         save_adapter(model, Path(out), base_name=base_name, **adapter)
         return f"LoRA adapters saved in {out}"
-    from tinygpt.weights import save_pretrained
+    from tinygpt.hub.pretrained import save_pretrained
     save_pretrained(model, out, tokenizer=tokenizer)
     return f"model saved in {out}"

@@ -6,7 +6,7 @@
     tinygpt classify --model runs/spam "You won a FREE cruise! Call now" "See you at 6?"
 
 The pieces (data, model, loss, metric, saving) are `tinygpt.finetune.classify`'s; training is
-`tinygpt.train.train`. Errors are raised as one-line ValueErrors naming the flag, file or row;
+`tinygpt.training.train.train`. Errors are raised as one-line ValueErrors naming the flag, file or row;
 the CLI prints them without a traceback and exits with status 2.
 """
 from __future__ import annotations
@@ -85,9 +85,9 @@ def add_parsers(subparsers) -> None:
 # --- finetune-classifier -------------------------------------------------------------------------
 
 def run_finetune(args) -> int:
-    from tinygpt.checkpoint import prepare_run_dir
+    from tinygpt.training.checkpoint import prepare_run_dir
     from tinygpt.finetune import classify as C
-    from tinygpt.train import TrainConfig, TrainingDiverged
+    from tinygpt.training.train import TrainConfig, TrainingDiverged
     _check_flags(args)
     prepare_run_dir(args.out, resume=False)              # writable, before any time is spent
     data = C.read_labelled(_data_path(args), args.text_col, args.label_col)
@@ -140,7 +140,7 @@ def run_finetune(args) -> int:
 
 def draw_confusion(result: dict, label_names, out) -> Path | None:
     """`out/confusion.png`: the test split's confusion matrix (None without matplotlib)."""
-    from tinygpt import plots
+    from tinygpt.apps import plots
     try:
         return plots.plot_confusion(result["test_labels"], result["test_predictions"],
                                     label_names, Path(out) / "confusion.png")
@@ -151,8 +151,8 @@ def draw_confusion(result: dict, label_names, out) -> Path | None:
 def _backbone(args):
     from tinygpt.finetune.classify import load_backbone
     if args.random_init:
-        from tinygpt.model import GPT, GPTConfig
-        from tinygpt.tokenizer import GPT2Tokenizer
+        from tinygpt.models.gpt import GPT, GPTConfig
+        from tinygpt.text.tokenizer import GPT2Tokenizer
         tok = GPT2Tokenizer()
         cfg = GPTConfig.preset(args.model, vocab_size=tok.n_vocab, qkv_bias=True,
                                tie_weights=True)
@@ -163,7 +163,7 @@ def _backbone(args):
 def _data_path(args):
     if args.data is not None:
         return args.data
-    from tinygpt.download import DownloadError
+    from tinygpt.hub.download import DownloadError
     from tinygpt.finetune.classify import sms_spam_file
     try:
         return sms_spam_file(progress=not args.quiet, timeout=10.0)

@@ -129,11 +129,11 @@ def _datasets(args, tokenizer, model):
 
 
 def run(args) -> int:
-    from tinygpt.data import DataLoader
+    from tinygpt.text.data import DataLoader
     from tinygpt.finetune.dpo import DPOObjective, count_tokens
     from tinygpt.finetune.instruct import generate_responses
-    from tinygpt.train import TrainConfig, train
-    from tinygpt.weights import load_pretrained
+    from tinygpt.training.train import TrainConfig, train
+    from tinygpt.hub.pretrained import load_pretrained
     _check_args(args)
     objective = DPOObjective(args.beta, args.reduction)
     start = time.perf_counter()
@@ -178,7 +178,7 @@ def run(args) -> int:
 
 
 def _save(args, model, tokenizer, shown: list[dict], before: list[str], after: list[str]) -> None:
-    from tinygpt.fileio import write_json_atomic
+    from tinygpt.core.fileio import write_json_atomic
     out = Path(args.out)
     write_json_atomic(out / "dpo-responses.json",
                       [{**e, "response_before": b, "response_after": a}

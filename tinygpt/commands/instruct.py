@@ -101,7 +101,7 @@ def _check_args(args) -> None:
 def _data_path(args) -> Path:
     if args.data is not None:
         return Path(args.data)
-    from tinygpt.download import shared_data_dir
+    from tinygpt.hub.download import shared_data_dir
     path = shared_data_dir() / "instruction-data.json"
     if not path.is_file():
         raise FileNotFoundError(f"no --data given and {path} does not exist: pass the book's "
@@ -152,11 +152,11 @@ def _datasets(args, tokenizer, model, data_path: Path):
 def run(args) -> int:
     from tqdm import tqdm
 
-    from tinygpt.data import DataLoader
+    from tinygpt.text.data import DataLoader
     from tinygpt.finetune.instruct import RESPONSES_FILE, generate_responses, respond, \
         save_responses
-    from tinygpt.train import TrainConfig, evaluate, train
-    from tinygpt.weights import load_pretrained
+    from tinygpt.training.train import TrainConfig, evaluate, train
+    from tinygpt.hub.pretrained import load_pretrained
     _check_args(args)
     data_path = _data_path(args)
     start = time.perf_counter()

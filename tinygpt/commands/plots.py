@@ -22,12 +22,12 @@ def add_parsers(sub) -> None:
 
 
 def _plots():
-    """tinygpt.plots, with a missing matplotlib as a one-line user error."""
+    """tinygpt.apps.plots, with a missing matplotlib as a one-line user error."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ValueError("pictures need matplotlib: pip install 'tinygpt[plot]'") from None
-    from tinygpt import plots
+    from tinygpt.apps import plots
     return plots
 
 
@@ -53,7 +53,7 @@ def _add_attention(sub) -> None:
 
 def run_attention(args) -> int:
     plots = _plots()
-    from tinygpt.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     model, tok = load_pretrained(args.model, download=False)
     layers = None if args.all_layers else [args.layer]
     maps = plots.plot_attention(model, tok, args.prompt, args.out, layers)
@@ -79,7 +79,7 @@ def _add_tokenize(sub) -> None:
 
 def load_tokenizer_spec(spec: str, text: str):
     """A tokenizer from what --tokenizer names (see its help)."""
-    from tinygpt.tokenizer import CharTokenizer, get_tokenizer, load_tokenizer
+    from tinygpt.text.tokenizer import CharTokenizer, get_tokenizer, load_tokenizer
     if spec == "gpt2":
         return get_tokenizer("gpt2")
     if spec == "char":
@@ -89,18 +89,18 @@ def load_tokenizer_spec(spec: str, text: str):
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"--tokenizer {spec!r}: not gpt2, char, or an existing file or folder")
-    from tinygpt.hf_tokenizer import HFTokenizer
+    from tinygpt.text.hf_tokenizer import HFTokenizer
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return HFTokenizer.from_tokenizer_json(path / "tokenizer.json")
         return load_tokenizer(path)                  # tinygpt's own file, or GPT-2's BPE
     if path.suffix == ".gguf":
-        from tinygpt.gguf import read_gguf
+        from tinygpt.formats.gguf import read_gguf
         metadata, _ = read_gguf(path)                # memory-mapped: the weights stay unread
         return HFTokenizer.from_gguf_metadata(metadata, source=str(path))
     if path.name == "tokenizer.json":
         return HFTokenizer.from_tokenizer_json(path)
-    from tinygpt.tokenizer import TOKENIZER_FILE
+    from tinygpt.text.tokenizer import TOKENIZER_FILE
     if path.name != TOKENIZER_FILE:
         raise ValueError(f"--tokenizer {spec}: expected a tokenizer.json, a {TOKENIZER_FILE}, "
                          "a .gguf file or a folder")
@@ -135,7 +135,7 @@ def format_tokens(spans, colour: bool) -> list[str]:
 
 
 def run_tokenize(args) -> int:
-    from tinygpt.plots import token_spans           # needs no matplotlib
+    from tinygpt.apps.plots import token_spans           # needs no matplotlib
     tok = load_tokenizer_spec(args.tokenizer, args.text)
     spans = token_spans(tok, args.text)
     n_bytes = len(args.text.encode("utf-8"))
@@ -175,7 +175,7 @@ def lr_config(args):
     """The TrainConfig that --config and the flags describe."""
     from dataclasses import fields
 
-    from tinygpt.train import TrainConfig
+    from tinygpt.training.train import TrainConfig
     values: dict = {}
     if args.config is not None:
         try:

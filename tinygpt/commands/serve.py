@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from tinygpt.finetune.templates import TEMPLATES
+from tinygpt.text.templates import TEMPLATES
 
 DEFAULT_JUDGE = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000"}
 
@@ -33,8 +33,8 @@ def load_model(spec: str, quantize: str = "none") -> tuple[object, object, str]:
     """(model packed for generation, tokenizer, template name) from anything `--model` names
     (`weights.load_pretrained`: a .gguf file, a Llama or GPT-2 folder, a run, a GPT-2 name).
     Llama models are chat models (chatml); GPT-2 models get the book's alpaca template."""
-    from tinygpt.llama import Llama
-    from tinygpt.weights import load_pretrained
+    from tinygpt.models.llama import Llama
+    from tinygpt.hub.pretrained import load_pretrained
     pack = {"none": "float32"}.get(quantize, quantize)
     model, tok = load_pretrained(spec, download=False, pack=pack)
     return model, tok, "chatml" if isinstance(model, Llama) else "alpaca"
@@ -141,7 +141,7 @@ def read_entries(path: str) -> list[dict]:
 def run_evaluate(args) -> int:
     from tqdm import tqdm
 
-    from tinygpt.judge import JudgeError, score_responses
+    from tinygpt.apps.judge import JudgeError, score_responses
     _check_float("--timeout", args.timeout, 0.0, open_low=True)
     _check_float("--backoff", args.backoff, 0.0)
     _check_int("--retries", args.retries, 0)
@@ -188,7 +188,7 @@ def _add_chat(sub) -> None:
 
 
 def run_chat(args, stdin=None, stdout=None) -> int:
-    from tinygpt.chat import ChatSession
+    from tinygpt.apps.chat import ChatSession
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     _check_sampling(args)
     _check_int("--max-new-tokens", args.max_new_tokens, 1)
@@ -250,7 +250,7 @@ def _add_serve(sub) -> None:
 
 def run_serve(args, ready=None) -> int:
     """`ready(server)` is called once it listens (tests use it to learn the port)."""
-    from tinygpt.serve import make_server
+    from tinygpt.apps.serve import make_server
     _check_int("--port", args.port, 0, 65535)
     _check_int("--max-tokens", args.max_tokens, 1)
     model, tok, template = _load(args)

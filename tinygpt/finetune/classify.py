@@ -1,6 +1,6 @@
 """The book's chapter 6: fine-tune a pretrained language model into a text classifier (spam or not).
 
-This module owns the classifier's pieces, each handed to the one training loop (`tinygpt.train`):
+This module owns the classifier's pieces, each handed to the one training loop (`tinygpt.training.train`):
 the `Classifier` (a linear head on any `CausalLM`'s hidden states), which parameters train, the
 loss and the accuracy metric, scoring whole splits, a whole run (`finetune_classifier`), and
 saving/loading the classifier. The data (the SMS Spam Collection read as the book's pandas call
@@ -29,15 +29,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tinygpt import functional as F
-from tinygpt.autograd import Tensor, is_grad_enabled, no_grad
-from tinygpt.data import DataLoader
-from tinygpt.fileio import write_json_atomic
+from tinygpt.autograd import functional as F
+from tinygpt.autograd.tensor import Tensor, is_grad_enabled, no_grad
+from tinygpt.text.data import DataLoader
+from tinygpt.core.fileio import write_json_atomic
 from tinygpt.finetune.classify_data import (  # noqa: F401 (re-exported: the data side)
     BOOK_SEED, SMS_FILE, ClassificationDataset, DownloadError, LabelledTexts, Splits, balance,
     pad_id_of, read_labelled, sms_spam_file, spam_splits, split)
-from tinygpt.model import check_token_ids
-from tinygpt.nn import Embedding, Linear, Module
+from tinygpt.models.gpt import check_token_ids
+from tinygpt.models.nn import Embedding, Linear, Module
 
 TOKEN_POSITIONS = ("last-real", "last", "first", "mean")
 TRAINABLE = ("last-block", "last-two-blocks", "all", "head", "lora")
@@ -294,15 +294,15 @@ def predict(model: Classifier, ids: Sequence[Sequence[int]], pad_id: int,
 def finetune_classifier(model: Classifier, splits: Splits, cfg, out_dir: str | os.PathLike,
                         log: Callable[[str], None] | None = None,
                         progress: bool = True) -> dict:
-    """Train through `tinygpt.train.train` (the classification loss, accuracy as its metric)
+    """Train through `tinygpt.training.train.train` (the classification loss, accuracy as its metric)
     and return the results, also written to `out_dir/results.json`.
 
     Every split is scored in full before training and at the end, and the test split at the
     end of each epoch; `log.csv` gets the test split's loss and accuracy beside train's and
     val's at every evaluation (over `cfg.eval_iter` batches, as the book's evaluate_model).
     """
-    from tinygpt.checkpoint import prepare_run_dir, write_log
-    from tinygpt.train import evaluate, train
+    from tinygpt.training.checkpoint import prepare_run_dir, write_log
+    from tinygpt.training.train import evaluate, train
     out = prepare_run_dir(str(out_dir), resume=False)
     say = log or (lambda msg: None)
     metrics = {"accuracy": accuracy}
@@ -376,8 +376,8 @@ def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
     so every command can load it as a language model), the head in classifier.safetensors and
     classifier.json (label names, token position, pad id, length) last, so a folder with a
     classifier.json is complete. LoRA adapters are merged into their weights first, in place."""
-    from tinygpt.model import GPT
-    from tinygpt.safetensors import save_safetensors
+    from tinygpt.models.gpt import GPT
+    from tinygpt.formats.safetensors import save_safetensors
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CLASSIFIER_FILE).unlink(missing_ok=True)     # incomplete until rewritten below
@@ -385,7 +385,7 @@ def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
         from tinygpt.finetune.lora import unload
         unload(model)                # adapters merged into plain Linears: the hub layout's names
     backbone = model.backbone
-    from tinygpt.weights import save_pretrained          # GPT-2 or Llama hub layout
+    from tinygpt.hub.pretrained import save_pretrained          # GPT-2 or Llama hub layout
     save_pretrained(backbone, out, tokenizer)
     save_safetensors({"head.weight": model.head.weight.data, "head.bias": model.head.bias.data},
                      out / HEAD_FILE)
@@ -398,7 +398,7 @@ def save_classifier(model: Classifier, out_dir: str | os.PathLike, tokenizer,
 
 def load_classifier(model_dir: str | os.PathLike) -> tuple[Classifier, object, dict]:
     """(classifier in eval mode, its tokenizer, classifier.json) from `save_classifier`'s folder."""
-    from tinygpt.safetensors import load_safetensors
+    from tinygpt.formats.safetensors import load_safetensors
     directory = Path(model_dir)
     info_path = directory / CLASSIFIER_FILE
     if not info_path.is_file():
@@ -422,7 +422,7 @@ def load_classifier(model_dir: str | os.PathLike) -> tuple[Classifier, object, d
 def load_backbone(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights"):
     """(language model, tokenizer) from a GPT-2 name or folder, a Llama hub folder or a `.gguf`
     file: `weights.load_pretrained`, the loader every command shares."""
-    from tinygpt.weights import load_pretrained
+    from tinygpt.hub.pretrained import load_pretrained
     return load_pretrained(path_or_name, dir)
 
 

@@ -1,5 +1,5 @@
 """The book's chapter 6 data: labelled texts read as the book reads them, balanced and split with
-its seeds, tokenized and padded into a dataset that `tinygpt.data.DataLoader` batches.
+its seeds, tokenized and padded into a dataset that `tinygpt.text.data.DataLoader` batches.
 
 Owns reading (the UCI SMS Spam Collection exactly as the book's pandas call, or any CSV/TSV/JSONL
 with a text and a label column), `balance` and `split` (the book's pandas `sample` calls
@@ -24,9 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from tinygpt.data import DataLoader
-from tinygpt.download import DownloadError, cache_dir, download_file, shared_data_dir
-from tinygpt.fileio import atomic_write
+from tinygpt.text.data import DataLoader
+from tinygpt.hub.download import DownloadError, cache_dir, download_file, shared_data_dir
+from tinygpt.core.fileio import atomic_write
 
 BOOK_SEED = 123                   # every random draw of the book's chapter 6
 SMS_FILE = "SMSSpamCollection"

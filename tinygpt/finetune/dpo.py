@@ -1,5 +1,5 @@
 """Direct Preference Optimization (the book's chapter 7 bonus): preference data, its collate, the
-sequence log-probabilities and the DPO loss that `tinygpt.train.train` optimises.
+sequence log-probabilities and the DPO loss that `tinygpt.training.train.train` optimises.
 
 Each entry holds an instruction (and optional input) with two responses, `chosen` (preferred)
 and `rejected`. DPO (Rafailov et al. 2023, eq. 7) raises the policy's log-probability of the
@@ -36,9 +36,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tinygpt import functional as F
-from tinygpt.autograd import Tensor, no_grad
-from tinygpt.finetune.templates import format_prompt
+from tinygpt.autograd import functional as F
+from tinygpt.autograd.tensor import Tensor, no_grad
+from tinygpt.text.templates import format_prompt
 
 IGNORE = -100                    # cross_entropy's ignore_index: positions that are not scored
 REDUCTIONS = ("mean", "sum")     # mean over response tokens (the book's) or their sum

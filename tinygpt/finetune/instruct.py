@@ -11,7 +11,7 @@
   position, which gives the same arrays for GPT-2 and stays right when the end token also occurs
   inside the prompt (ChatML's `<|im_end|>` closes every turn).
 - `InstructionDataset`: entries tokenized once in a template (`templates.py`); `__len__` and
-  `batch(indices)`, so `tinygpt.data.DataLoader` batches it for `tinygpt.train.train`, whose
+  `batch(indices)`, so `tinygpt.text.data.DataLoader` batches it for `tinygpt.training.train.train`, whose
   default loss (mean cross-entropy, -100 ignored) is the book's.
 - `respond` / `generate_responses` / `save_responses`: greedy answers, stopped at the end token,
   the prompt and header stripped; written as `instruction-data-with-response.json`.
@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tinygpt.fileio import write_json_atomic
-from tinygpt.tokenizer import EOT_ID
-from tinygpt.finetune.templates import (extract_response, format_example, format_input,
+from tinygpt.core.fileio import write_json_atomic
+from tinygpt.text.tokenizer import EOT_ID
+from tinygpt.text.templates import (extract_response, format_example, format_input,
                                         format_prompt, get_template)
 
 IGNORE_INDEX = -100                     # targets the loss skips (F.cross_entropy's default)
@@ -172,7 +172,7 @@ def respond(model, tokenizer, entry: dict, template: str = "alpaca", max_new_tok
             end_id: int | None = None) -> str:
     """The model's greedy response to one entry: generated after `format_prompt`, stopped at the
     end token, the prompt, header and end token stripped (as the book)."""
-    from tinygpt.generate import generate
+    from tinygpt.inference.generate import generate
     end_id = end_token_id(tokenizer, template) if end_id is None else end_id
     prompt = format_prompt(entry, template)
     ids = np.asarray(tokenizer.encode(prompt), dtype=np.int64)[None, :]          # (1, T)

@@ -46,12 +46,12 @@ from typing import Sequence
 
 import numpy as np
 
-from tinygpt import functional as F
-from tinygpt.autograd import Context, Function, Tensor, no_grad
-from tinygpt.fileio import write_json_atomic
-from tinygpt.model import CausalLM
-from tinygpt.nn import Linear, Module, Parameter, shape_mismatches
-from tinygpt.safetensors import load_safetensors, save_safetensors
+from tinygpt.autograd import functional as F
+from tinygpt.autograd.tensor import Context, Function, Tensor, no_grad
+from tinygpt.core.fileio import write_json_atomic
+from tinygpt.models.gpt import CausalLM
+from tinygpt.models.nn import Linear, Module, Parameter, shape_mismatches
+from tinygpt.formats.safetensors import load_safetensors, save_safetensors
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "lora.safetensors", "lora.json"
 FORMAT = "tinygpt-lora-1"

@@ -1,0 +1,219 @@
+"""Chat: a conversation rendered in the model's template, its reply streamed token by token.
+
+Owns `render` (a list of `{"role", "content"}` messages as one prompt text), `complete` (one
+reply: the prompt cut to fit the context, sampling until an end token, a stop string or
+`max_new_tokens`) and `ChatSession` (the history a terminal chat keeps). The templates' text is
+`finetune/templates.py`'s, sampling and the KV cache are `generate.py`'s; the HTTP server that
+answers with `complete` is `serve.py`, and the terminal loop is in `commands/serve.py`.
+
+    tinygpt chat --model ../shared/fixtures/smollm2-135m-instruct/model.gguf
+
+Templates. `chatml` (SmolLM2 and other chat models) renders every role natively. The book's
+`alpaca` and `phi3` are single-turn formats: a user message becomes the instruction in the
+template's prompt, an assistant message is that response followed by the end token, and system
+messages are left out (alpaca's preamble is its system prompt). Several turns are then several
+examples in a row, each closed by `<|endoftext|>`, which is how the model saw them in training.
+
+The context. Each reply needs room: `min(max_new_tokens, block_size // 2)` tokens are kept free,
+and the oldest turns are left out of the prompt until the rest fits (the system message stays).
+A single message too long even alone keeps only its last tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tinygpt.inference.generate import TextStream
+from tinygpt.text.templates import chatml, format_prompt, get_template
+from tinygpt.inference.generate import stream
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Reply:
+    text: str                 # the reply, without end token or stop string
+    finish_reason: str        # "stop": an end token or stop string came; "length": max_new_tokens
+    prompt_tokens: int        # ids the model was given
+    completion_tokens: int    # ids it produced (the end token counts)
+    dropped: int = 0          # oldest messages left out so the prompt fits the context
+
+
+def check_messages(messages: Sequence[dict]) -> list[dict]:
+    """The messages as plain {"role", "content"} dicts; a ValueError naming the first bad one."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{k}] must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"messages[{k}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{k}].content must be a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render(messages: Sequence[dict], template: str = "chatml") -> str:
+    """The prompt text the model continues from: the conversation, then the reply header."""
+    messages = check_messages(messages)
+    t = get_template(template)
+    if t.name == "chatml":
+        return chatml(messages, add_generation_prompt=True)
+    parts = []
+    for m in messages:
+        if m["role"] == "user":
+            parts.append(format_prompt({"instruction": m["content"]}, t.name))
+        elif m["role"] == "assistant":
+            parts.append(m["content"] + t.end_token)
+    if not parts or messages[-1]["role"] != "user":
+        # the reply must follow a prompt header; an empty instruction still gives one
+        parts.append(format_prompt({"instruction": ""}, t.name))
+    return "".join(parts)
+
+
+def stop_tokens(tokenizer, template: str) -> tuple[set[int], list[str]]:
+    """(ids, strings) that end a reply: the template's end token as one id when the tokenizer has
+    it (SmolLM2's <|im_end|>, GPT-2's <|endoftext|>), else as text; plus the tokenizer's own
+    end-of-text and eos ids."""
+    end = get_template(template).end_token
+    ids = {i for i in (getattr(tokenizer, "eot_id", None), getattr(tokenizer, "eos_id", None))
+           if i is not None}
+    encoded = tokenizer.encode(end)
+    if len(encoded) == 1:
+        return ids | {int(encoded[0])}, []
+    return ids, [end]
+
+
+def fit_prompt(tokenizer, messages: Sequence[dict], template: str, budget: int
+               ) -> tuple[list[int], int]:
+    """(prompt ids, messages dropped): the longest tail of the conversation whose prompt has at
+    most `budget` ids. System messages at the start always stay; a kept history starts with a
+    user message."""
+    messages = check_messages(messages)
+    n_system = 0
+    while n_system < len(messages) - 1 and messages[n_system]["role"] == "system":
+        n_system += 1
+    system, rest = messages[:n_system], messages[n_system:]
+    for k in range(len(rest)):
+        if k > 0 and rest[k]["role"] == "assistant":
+            continue                               # never start the kept history mid-turn
+        ids = tokenizer.encode(render(system + rest[k:], template))
+        if len(ids) <= budget:
+            return ids, k
+    ids = tokenizer.encode(render(system + rest[-1:], template))
+    return ids[-budget:], len(rest) - 1
+
+
+def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml", *,
+             max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+             on_text: Callable[[str], None] | None = None) -> Reply:
+    """The model's reply to `messages`, streamed to `on_text(piece)` as it is decoded.
+
+    Stops at an end token (not part of the text), at the first of the `stop` strings (cut
+    there), or after `max_new_tokens`. A piece is passed on only when it ends on a whole
+    character and cannot be the start of a stop string.
+    """
+    block = model.config.block_size
+    room = max(1, min(max_new_tokens, block // 2))
+    ids, dropped = fit_prompt(tokenizer, messages, template, block - room)
+    end_ids, end_texts = stop_tokens(tokenizer, template)
+    text, stops = TextStream(tokenizer), _StopText(list(stop) + end_texts)
+
+    def emit(piece: str) -> None:
+        if piece and on_text is not None:
+            on_text(piece)
+
+    n, finish, stopped = 0, "length", False
+    tokens = stream(model, np.array([ids]), max_new_tokens, temperature, top_k, top_p,
+                    seed=seed)
+    try:
+        for token in tokens:
+            n += 1
+            if int(token[0]) in end_ids:
+                finish = "stop"
+                break
+            piece, stopped = stops.push(text.push(int(token[0])))
+            emit(piece)
+            if stopped:
+                break
+    finally:
+        tokens.close()                   # restores the model's training mode
+    if not stopped:                      # bytes of an unfinished character, the held-back tail
+        piece, stopped = stops.push(text.flush())
+        emit(piece + stops.flush())
+    if stopped:
+        finish = "stop"
+    return Reply(stops.text, finish, len(ids), n, dropped)
+
+
+class _StopText:
+    """Text in, text out, cut at the first stop string; holds back a tail that could still
+    become one."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.text, self.sent = "", 0
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """(text safe to pass on, whether a stop string has come)."""
+        self.text += piece
+        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text = self.text[:min(cuts)]
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out, True
+        hold = max([k for s in self.stop for k in range(1, len(s))
+                    if self.text.endswith(s[:k])], default=0)
+        safe = max(self.sent, len(self.text) - hold)
+        out, self.sent = self.text[self.sent:safe], safe
+        return out, False
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+@dataclass
+class ChatSession:
+    """A conversation with a model: `send(message)` returns the reply and keeps both turns.
+
+    History the context cannot hold is dropped for good, oldest turns first. With a `seed`,
+    turn k samples with seed + k, so a whole conversation is reproducible.
+    """
+
+    model: object
+    tokenizer: object
+    template: str = "chatml"
+    system: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        get_template(self.template)                  # an unknown name fails here, not mid-chat
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+        self.turns = 0
+
+    def send(self, message: str, on_text: Callable[[str], None] | None = None) -> Reply:
+        messages = self.history + [{"role": "user", "content": message}]
+        seed = None if self.seed is None else self.seed + self.turns
+        reply = complete(self.model, self.tokenizer, messages, self.template,
+                         max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                         top_k=self.top_k, top_p=self.top_p, seed=seed, on_text=on_text)
+        n_system = 1 if self.system else 0
+        kept = messages[:n_system] + messages[n_system + reply.dropped:]
+        self.history = kept + [{"role": "assistant", "content": reply.text}]
+        self.turns += 1
+        return reply

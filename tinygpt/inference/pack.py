@@ -1,0 +1,136 @@
+"""A model in generation mode: weights packed once, row per output, as float32, int8 or 4-bit.
+
+`pack_for_inference(model, quantize=None | "int8")` replaces every `Linear` weight (in, out) and
+the token embedding by a `PackedWeight` that holds it **once** in the (out, in) layout that
+`kernels/decode.py` streams; the float32 (in, out) copy is dropped as each tensor is packed, so
+no more than one float32 tensor exists at a time beyond the packed ones. A tied head reads the
+packed embedding. The packed model generates (`generate`, `chat`, `serve`) but cannot train:
+its Linears have no `weight` Parameter any more.
+
+`PackedWeight.from_gguf` keeps a GGUF file's Q8_0 blocks as int8 with a scale per 32 weights and
+its Q4_1 blocks as 4-bit codes with a scale and offset per 32, instead of 540 MB of float32.
+
+    python -m tinygpt.bench generate --quantize int8
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinygpt.kernels import decode as dk
+from tinygpt.core import runtime
+from tinygpt.models.nn import Embedding, Linear, Module
+
+QUANTIZE = (None, "int8")
+BLAS_MIN_ROWS = 32        # a float32 prefill this long is faster through BLAS than row dots
+
+
+class PackedWeight:
+    """One weight matrix in the row-per-output layout of its kernel.
+
+    kind "f32": w (O, I) float32; "i8": q (O, I) int8 with scale (O, I / G) float32;
+    "q4": codes (O, I / 2) uint8 with d and mn (O, I / 32) float32 (GGUF Q4_1's order).
+    `matmul(x)` is x @ W^T for x (M, I); `rows(idx)` dequantizes rows (embedding lookup).
+    """
+
+    def __init__(self, kind: str, arrays: tuple[np.ndarray, ...]):
+        self.kind, self.arrays = kind, arrays
+        first = arrays[0]
+        self.shape = (first.shape[0], first.shape[1] * (2 if kind == "q4" else 1))   # (O, I)
+
+    @classmethod
+    def from_rows(cls, w_out_in: np.ndarray, quantize: str | None = None) -> PackedWeight:
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        if quantize == "int8":
+            return cls("i8", dk.quantize_int8(np.asarray(w_out_in, np.float32)))
+        return cls("f32", (np.ascontiguousarray(w_out_in, dtype=np.float32),))
+
+    @classmethod
+    def from_gguf(cls, tensor) -> PackedWeight:
+        """Keep Q8_0 and Q4_1 blocks quantized (repacked once); other types become float32."""
+        from tinygpt.formats.gguf import dequantize
+        O, I = tensor.shape
+        if tensor.ggml_type == "Q8_0":
+            blocks = np.asarray(tensor.data).reshape(O, I // dk.GROUP, 34)
+            d = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+            q = blocks[:, :, 2:].copy().view(np.int8).reshape(O, I)
+            return cls("i8", (q, d))
+        if tensor.ggml_type == "Q4_1":
+            blocks = np.asarray(tensor.data).reshape(O, I // dk.GROUP, 20)
+            dm = blocks[:, :, :4].copy().view(np.float16).astype(np.float32)   # (O, I/32, 2)
+            codes = np.ascontiguousarray(blocks[:, :, 4:]).reshape(O, I // 2)
+            return cls("q4", (codes, np.ascontiguousarray(dm[:, :, 0]),
+                              np.ascontiguousarray(dm[:, :, 1])))
+        return cls("f32", (np.ascontiguousarray(dequantize(tensor), dtype=np.float32),))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x (M, I) float32 -> x @ W^T (M, O)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.kind == "f32":
+            w = self.arrays[0]
+            return x @ w.T if x.shape[0] >= BLAS_MIN_ROWS else dk.matvec_f32(w, x)
+        if self.kind == "i8":
+            return dk.matvec_i8(*self.arrays, x)
+        return dk.matvec_q4(*self.arrays, x)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Dequantized rows idx (...) -> (..., I)."""
+        flat = np.asarray(idx).reshape(-1)
+        if self.kind == "f32":
+            out = self.arrays[0][flat]
+        elif self.kind == "i8":
+            q, scale = self.arrays
+            G = q.shape[1] // scale.shape[1]
+            out = (q[flat].reshape(len(flat), -1, G) * scale[flat][:, :, None]).reshape(len(flat), -1)
+        else:
+            codes, d, mn = (a[flat] for a in self.arrays)
+            c = codes.reshape(len(flat), -1, dk.GROUP // 2)
+            q = np.concatenate([c & 0x0F, c >> 4], axis=-1).astype(np.float32)
+            out = (q * d[:, :, None] + mn[:, :, None]).reshape(len(flat), -1)
+        return out.astype(np.float32, copy=False).reshape(*np.shape(idx), self.shape[1])
+
+
+def pack_module(module: Module, quantize: str | None = None) -> None:
+    """Pack one Linear or Embedding in place (no-op when it is packed already)."""
+    if module.packed is not None:
+        return
+    w = module.weight
+    module.weight = None                               # drop the training copy as we go
+    rows = w.data.T if isinstance(module, Linear) else w.data    # (out, in) either way
+    module.packed = PackedWeight.from_rows(rows, quantize)
+    w.data = np.empty(0, np.float32)   # a loader's name -> Parameter table may still hold `w`
+
+
+def packer(model: Module, pack: str):
+    """`on_tensor(name)` for a loader: packs the module that owns parameter `name` (Linear and
+    Embedding weights; norms and biases stay as they are). `pack` is "float32" or "int8"."""
+    if pack not in ("float32", "int8"):
+        raise ValueError(f"pack must be 'float32' or 'int8', got {pack!r}")
+    quantize = None if pack == "float32" else pack
+    runtime.return_freed_memory()             # each float32 tensor leaves as soon as it is packed
+
+    def on_tensor(name: str) -> None:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr == "weight" and isinstance(module, (Linear, Embedding)):
+            pack_module(module, quantize)
+    return on_tensor
+
+
+def pack_for_inference(model: Module, quantize: str | None = None) -> Module:
+    """Pack every Linear and Embedding weight of `model` in place (see the module docstring).
+    Returns the model, in eval mode."""
+    for module in model.modules():
+        if isinstance(module, (Linear, Embedding)):
+            pack_module(module, quantize)
+    return model.eval()
+
+
+def packed_bytes(model: Module) -> int:
+    """Bytes held by the packed weights plus any Parameters left (norms, biases)."""
+    packed = sum(m.packed.nbytes for m in model.modules() if getattr(m, "packed", None) is not None)
+    return packed + sum(p.data.nbytes for p in model.parameters())
