@@ -261,3 +261,18 @@ def test_head_weight_includes_the_heads_adapter(make):
     merge(model)
     np.testing.assert_allclose(F.linear(model.hidden(IDX), model.head_weight()).data,
                                via_matrix, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_a_tied_head_shares_the_embedding_and_merging_leaves_it_alone():
+    """The untied head is a view of the embedding table (no 113 MB copy for SmolLM2)."""
+    model = Llama(LlamaConfig.preset("llama-tiny"), seed=0)
+    table = model.model.embed_tokens.weight
+    before = table.data.copy()
+    apply_lora(model, rank=2, alpha=4.0)
+    assert np.shares_memory(model.lm_head.weight.data, table.data)
+    model.lm_head.lora_B.data[:] = 0.5                  # a non-zero adapter to fold in
+    merge(model)
+    assert not np.shares_memory(model.lm_head.weight.data, table.data)
+    unmerge(model)
+    np.testing.assert_array_equal(table.data, before)
+    np.testing.assert_array_equal(model.lm_head.weight.data, before.T)

@@ -5,7 +5,8 @@ call that produced it. `Tensor.backward()` walks that graph in reverse topologic
 explicit stack (so a 48-layer model never meets Python's recursion limit), calls each op's
 `backward`, checks the gradient's shape and dtype at the op that produced it, and accumulates into
 the leaves. The ops live in `ops.py` and `fused.py`; the operators `+ - * / @ ...` on `Tensor` are
-attached in `functional.py`.
+attached in `functional.py`. `checkpoint(fn, *inputs)` trades time for memory: it keeps only a
+region's inputs and recomputes the region in backward (activation checkpointing).
 
     python -c "import tinygpt as tg; x = tg.Tensor([1., 2.], requires_grad=True); (x * x).sum().backward(); print(x.grad)"
 """
@@ -20,14 +21,20 @@ _GRAD_ENABLED = True
 
 
 @contextlib.contextmanager
-def no_grad() -> Iterator[None]:
-    """Inside this block ops record no graph: for evaluation and generation."""
+def _grad_mode(enabled: bool) -> Iterator[None]:
     global _GRAD_ENABLED
-    previous, _GRAD_ENABLED = _GRAD_ENABLED, False
+    previous, _GRAD_ENABLED = _GRAD_ENABLED, enabled
     try:
         yield
     finally:
         _GRAD_ENABLED = previous
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Inside this block ops record no graph: for evaluation and generation."""
+    with _grad_mode(False):
+        yield
 
 
 def is_grad_enabled() -> bool:
@@ -256,3 +263,58 @@ class Function:
             out.requires_grad = True
             out._ctx = ctx
         return out
+
+
+# --- activation checkpointing ---------------------------------------------------------------------
+
+class Recompute(Function):
+    """y = fn(*inputs), keeping only the inputs; backward runs fn again and differentiates that.
+
+    A transformer block's backward needs ~10 (B, T, C)-sized activations and its attention
+    probabilities; a checkpointed block keeps one (B, T, C) input and pays one more forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, fn, *arrays: np.ndarray, rngs: tuple = ()) -> np.ndarray:
+        # NOTE: fn runs with grad on (its graph is dropped when it returns), not under no_grad:
+        # Dropout drops only while grad is on, so no_grad here would make the replay differ
+        ctx.region, ctx.rng_states = fn, [rng.bit_generator.state for rng in rngs]
+        ctx.rngs, ctx.requires_grad = rngs, [t.requires_grad for t in ctx.inputs[1:]]
+        ctx.save(*arrays)
+        out = fn(*(Tensor(a, requires_grad=r) for a, r in zip(arrays, ctx.requires_grad)))
+        ctx.output_requires_grad = out.requires_grad    # true when fn used a trained parameter
+        return out.data
+
+    @staticmethod
+    def backward(ctx: Context, dy: np.ndarray) -> tuple:
+        inputs = [Tensor(a, requires_grad=r) for a, r in zip(ctx.saved, ctx.requires_grad)]
+        now = [rng.bit_generator.state for rng in ctx.rngs]
+        for rng, state in zip(ctx.rngs, ctx.rng_states):        # replay the same dropout masks
+            rng.bit_generator.state = state
+        try:
+            with _grad_mode(True):
+                out = ctx.region(*inputs)
+            # a backward of its own: parameter grads accumulate into their .grad here, once,
+            # and the inputs' grads go back to the outer backward like any op's
+            out.backward(dy)
+        finally:
+            for rng, state in zip(ctx.rngs, now):
+                rng.bit_generator.state = state
+        return (None, *(t.grad for t in inputs))
+
+
+def checkpoint(fn, *inputs: Tensor, rngs: tuple = ()) -> Tensor:
+    """fn(*inputs) (one Tensor) without keeping fn's activations for backward.
+
+    `inputs` are every tensor fn depends on that is not a Parameter (a Parameter it uses, through
+    a closure or as a Module's weight, gets its gradient from the recomputation); `rngs` are the
+    Generators fn draws from (dropout), rewound so the recomputation draws the same numbers.
+    Without grad mode there is nothing to save and fn simply runs.
+    """
+    if not _GRAD_ENABLED:
+        return fn(*inputs)
+    ctx = Context(Recompute, (None, *inputs))
+    out = Tensor(Recompute.forward(ctx, fn, *(t.data for t in inputs), rngs=tuple(rngs)))
+    if ctx.output_requires_grad:
+        out.requires_grad, out._ctx = True, ctx
+    return out

@@ -68,6 +68,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seed", type=int, default=123, help="balance, split, head init and data "
                    "order (default 123, the book's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-activations", choices=("auto", "on", "off"), default="auto",
+                   help="recompute each block in backward instead of keeping its activations "
+                   "(less memory, ~1/3 more time); auto: on only with --trainable all")
     p.set_defaults(run=run_finetune)
 
     p = subparsers.add_parser("classify", help="label texts with a classifier from "
@@ -110,6 +113,8 @@ def run_finetune(args) -> int:
                          "to train on")
     model = C.Classifier(backbone, len(splits.label_names), args.token_pos, seed=args.seed,
                          cache_frozen=not args.no_feature_cache)
+    backbone.checkpoint_activations = args.checkpoint_activations == "on" or (
+        args.checkpoint_activations == "auto" and args.trainable == "all")
     try:
         C.set_trainable(model, args.trainable, lora_rank=args.lora_rank,
                         lora_alpha=args.lora_alpha)

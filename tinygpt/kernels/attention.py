@@ -104,13 +104,20 @@ def _causal_softmax_backward_rows(p: np.ndarray, dp: np.ndarray, scale: float) -
     return dp
 
 
+def _transposed(a: np.ndarray) -> np.ndarray:
+    """a with its last two axes swapped, as a C-contiguous array: (N, T, HS) -> (N, HS, T)."""
+    return np.ascontiguousarray(a.swapaxes(-1, -2))
+
+
 def attention_forward_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float
                             ) -> tuple[np.ndarray, np.ndarray]:
     """Causal attention: scores by BLAS, masked softmax in numba, then p @ v by BLAS.
 
     q: (N, Tq, HS), k, v: (N, Tk, HS), Tk >= Tq -> y: (N, Tq, HS), p: (N, Tq, Tk)
     """
-    p = _causal_softmax_rows(q @ k.swapaxes(-1, -2), scale)     # (N, Tq, Tk)
+    # NOTE: a stack of matmuls whose right operand is a transposed view ran ~4x slower than
+    # copying k^T first (NumPy 2.4, OpenBLAS: measured 12.8 ms vs 3.0 ms at (72, 120, 64))
+    p = _causal_softmax_rows(q @ _transposed(k), scale)         # (N, Tq, Tk)
     return p @ v, p
 
 
@@ -122,7 +129,7 @@ def attention_backward_numba(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np
     dy, q: (N, Tq, HS), k, v: (N, Tk, HS), p: (N, Tq, Tk) -> dq, dk, dv (shapes of q, k, v)
     """
     dv = p.swapaxes(-1, -2) @ dy                                 # (N, Tk, HS)
-    ds = _causal_softmax_backward_rows(p, dy @ v.swapaxes(-1, -2), scale)   # (N, Tq, Tk)
+    ds = _causal_softmax_backward_rows(p, dy @ _transposed(v), scale)   # (N, Tq, Tk)
     return ds @ k, ds.swapaxes(-1, -2) @ q, dv
 
 

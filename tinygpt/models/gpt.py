@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt.autograd import functional as F
-from tinygpt.autograd.tensor import Tensor
+from tinygpt.autograd.tensor import Tensor, checkpoint, is_grad_enabled
 from tinygpt.models.nn import (CausalSelfAttention, Dropout, Embedding, KVCache, LayerNorm, Linear, MLP,
                         Module, packed_product)
 from tinygpt.core.validate import check_fields, check_number
@@ -105,6 +105,9 @@ class CausalLM(Module):
     """
 
     config: Any
+    # keep only each block's input in training and recompute the block in backward
+    # (autograd.checkpoint): activations of one block instead of n_layer, for ~1/3 more time
+    checkpoint_activations: bool = False
 
     def embed(self, idx: np.ndarray, start: int) -> Tensor:
         """Token (and, for GPT-2, position) embeddings of idx (B, T) at positions start..: (B, T, C)."""
@@ -130,8 +133,12 @@ class CausalLM(Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's "
                              f"block_size {self.config.block_size}; crop the context")
         x = self.embed(idx, start)                                       # (B, T, C)
+        recompute = self.checkpoint_activations and cache is None and is_grad_enabled()
         for i, block in enumerate(self.blocks()):
-            x = block(x, cache, i)
+            if recompute:
+                x = checkpoint(block, x, rngs=self._dropout_rngs())
+            else:
+                x = block(x, cache, i)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
@@ -145,6 +152,11 @@ class CausalLM(Module):
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits, targets)
+
+    def _dropout_rngs(self) -> tuple:
+        """The Generator dropout masks are drawn from (the model's own rng), while training."""
+        rng = getattr(self, "rng", None)
+        return (rng,) if rng is not None and self.training else ()
 
     def logits(self, x: Tensor) -> Tensor:
         """Hidden states (B, T, C) -> logits (B, T, V); a tied head packed for generation reads
