@@ -82,6 +82,7 @@ class BoundedServer(ThreadingHTTPServer):
     (closing at once could reset the connection before the client reads the answer)."""
 
     daemon_threads = True         # a client that hangs does not keep the process alive
+    request_queue_size = 1024     # connections the kernel holds before accept (socketserver: 5)
 
     def __init__(self, address: tuple[str, int], handler, limits: Limits,
                  log: Callable[[str], None] | None = None):
@@ -193,12 +194,15 @@ class JSONHandler(BaseHTTPRequestHandler):
         self.deadline, self.got_bytes, self.answered = time.monotonic(), False, False
 
     def log_message(self, format: str, *args) -> None:
-        self.server.log(f"{self.address_string()} {format % args}")
+        text = "".join(c if c.isprintable() else "?" for c in format % args)   # no escapes
+        self.server.log(f"{self.address_string()} {text}")
 
     def handle_one_request(self) -> None:
         limits = self.server.limits
         self.deadline = time.monotonic() + limits.request_timeout
         self.got_bytes = self.answered = False
+        self.command, self.requestline = None, ""
+        self.request_version = self.default_request_version
         try:
             if self._read_head():
                 self.connection.settimeout(limits.request_timeout)   # for writing the answer
@@ -222,7 +226,7 @@ class JSONHandler(BaseHTTPRequestHandler):
         """The request line and headers; False once an error has been answered or the client
         closed before sending anything."""
         line = self.rfile.readline(MAX_LINE + 1)
-        self.raw_requestline, self.command, self.requestline = line, None, ""
+        self.raw_requestline = line
         if not line:
             self.close_connection = True
             return False
@@ -238,7 +242,9 @@ class JSONHandler(BaseHTTPRequestHandler):
         if not self.parse_request():              # version, headers; errors come as JSON
             return False
         if not hasattr(self, "do_" + self.command):
-            self.send_error(501, f"method {self.command[:20]!r} is not supported")
+            self.close_connection = True
+            self.send_json_error(RequestError(f"method {self.command[:20]!r} is not supported",
+                                              "method", status=501))
             return False
         return True
 
@@ -256,7 +262,7 @@ class JSONHandler(BaseHTTPRequestHandler):
         limit = self.server.limits.max_body
         if self.headers.get("Transfer-Encoding") is not None:
             self.close_connection = True
-            raise RequestError("Transfer-Encoding bodies are not supported; send Content-Length",
+            raise RequestError("Transfer-Encoding (chunked) bodies are not supported; send Content-Length",
                                "Transfer-Encoding", status=411)
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
@@ -325,6 +331,7 @@ class JSONHandler(BaseHTTPRequestHandler):
 
     def _try_error(self, e: RequestError) -> None:
         try:
+            self.connection.settimeout(self.server.limits.request_timeout)
             self.send_json_error(e)
             self.wfile.flush()
         except OSError:

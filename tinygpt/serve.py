@@ -237,6 +237,9 @@ class _Handler(JSONHandler):
             self.log_message("waiting: another request is generating")
         try:
             with queue.turn(gone=self.client_gone):
+                prompt = args[0]
+                self.log_message(f"generating up to {prompt.max_new_tokens} tokens after "
+                                 f"{len(prompt.ids)} ({prompt.dropped} messages dropped)")
                 answer(*args)
         except RequestError as e:                # QueueFull
             self.send_json_error(e)
