@@ -262,7 +262,8 @@ class JSONHandler(BaseHTTPRequestHandler):
         limit = self.server.limits.max_body
         if self.headers.get("Transfer-Encoding") is not None:
             self.close_connection = True
-            raise RequestError("Transfer-Encoding (chunked) bodies are not supported; send Content-Length",
+            raise RequestError("Transfer-Encoding (chunked) bodies are not supported; send "
+                               "Content-Length",
                                "Transfer-Encoding", status=411)
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
