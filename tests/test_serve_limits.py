@@ -146,6 +146,8 @@ def test_hostile_bodies_are_400_naming_the_field(server, raw, param, match):
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414, "request line", "8192"),
     (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431, "headers", "headers"),
     (b"GET / HTTP/1.1\r\nX: " + b"y" * 70000 + b"\r\n\r\n", 431, "headers", "too long"),
+    (b"GET / HTTP/1.1\r\n" + (b"X: " + b"y" * 999 + b"\r\n") * 80 + b"\r\n", 431, "headers",
+     "too long"),                                     # 80 KB of headers in all
     (post_bytes(b"{}")[:-2].replace(b"Content-Length: 2", b"Content-Length: -5"), 400,
      "Content-Length", "Content-Length must be one non-negative integer, got '-5'"),
     (post_bytes(b"{}").replace(b"Content-Length: 2", b"Content-Length: 1_0"), 400,

@@ -10,12 +10,14 @@ told 503 and when to come back). `serve.py` adds the routes and the model.
 What a client can count on, each tested in tests/test_serve_limits.py against a real process:
 - the request line, headers and body must all arrive within `request_timeout` seconds of the
   server starting to wait for them (a keep-alive connection idle that long is closed), else 408;
-- anything that is not `METHOD PATH HTTP/1.x` with at most `max_body` bytes of Content-Length
-  body is answered with a 4xx JSON error naming what was wrong, and the server keeps serving;
+- anything that is not `METHOD PATH HTTP/1.x`, headers of at most MAX_HEAD bytes and at most
+  `max_body` bytes of Content-Length body is answered with a 4xx JSON error naming what was
+  wrong (the request line, a header, the body, a field), and the server keeps serving;
 - a client that leaves is noticed between tokens (`client_gone`) and its generation stops.
 """
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import math
@@ -31,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 
 MAX_LINE = 8192                   # bytes of request line; longer is 414
+MAX_HEAD = 65536                  # bytes of all headers together; more is 431
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
@@ -178,6 +181,21 @@ class _DeadlineReader(io.RawIOBase):
         return n
 
 
+class _HeadLimit:
+    """The connection as http.client's header parser reads it, line by line, with MAX_HEAD
+    bytes in all (it allows 100 lines of 64 KB each)."""
+
+    def __init__(self, rfile):
+        self.rfile, self.left = rfile, MAX_HEAD
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.rfile.readline(min(limit if limit >= 0 else MAX_HEAD, self.left) + 1)
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong(f"headers of more than {MAX_HEAD} bytes")
+        return line
+
+
 class JSONHandler(BaseHTTPRequestHandler):
     """Reads one request at a time under `server.limits`: the request line, headers and body
     within `request_timeout`, every error answered as JSON with a status line (an HTTP/0.9 line,
@@ -239,8 +257,12 @@ class JSONHandler(BaseHTTPRequestHandler):
             self.send_error(400, f"bad request line {self.requestline[:80]!r}: expected "
                             "'METHOD /path HTTP/1.1'")
             return False
-        if not self.parse_request():              # version, headers; errors come as JSON
-            return False
+        body, self.rfile = self.rfile, _HeadLimit(self.rfile)
+        try:
+            if not self.parse_request():          # version, headers; errors come as JSON
+                return False
+        finally:
+            self.rfile = body
         if not hasattr(self, "do_" + self.command):
             self.close_connection = True
             self.send_json_error(RequestError(f"method {self.command[:20]!r} is not supported",
