@@ -136,12 +136,14 @@ class BoundedServer(ThreadingHTTPServer):
     def _close_refused(self, everything: bool = False) -> None:
         now, keep = time.monotonic(), []
         for until, s in self._refused:
+            done = False
             try:
-                while s.recv(65536):              # whatever the client sent, unread, is dropped
-                    pass
-                done = True                       # b"": the client closed its side
+                for _ in range(16):               # whatever the client sent, unread, is dropped
+                    if not s.recv(65536):
+                        done = True               # b"": the client closed its side
+                        break
             except BlockingIOError:
-                done = False
+                pass
             except OSError:
                 done = True
             if done or everything or now >= until:
@@ -232,7 +234,7 @@ class JSONHandler(BaseHTTPRequestHandler):
                 self._try_error(RequestError(
                     f"the request did not arrive within {limits.request_timeout:g} s "
                     "(--request-timeout)", status=408, code="request_timeout"))
-        except (ConnectionError, BrokenPipeError):
+        except ConnectionError:                   # reset, broken pipe, left while waiting
             self.close_connection = True
         except Exception:
             self.close_connection = True
@@ -244,7 +246,7 @@ class JSONHandler(BaseHTTPRequestHandler):
         """The request line and headers; False once an error has been answered or the client
         closed before sending anything."""
         line = self.rfile.readline(MAX_LINE + 1)
-        self.raw_requestline = line
+        self.raw_requestline, self.got_bytes = line, bool(line)    # (a pipelined one was read)
         if not line:
             self.close_connection = True
             return False
@@ -380,7 +382,10 @@ class GenerationQueue:
         return self._lock.locked()
 
     @contextmanager
-    def turn(self, gone: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    def turn(self, gone: Callable[[], bool] = lambda: False,
+             on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Hold the lock for the `with` body; `on_wait()` is called if this request has to
+        join the line."""
         with self._line:
             got = self._lock.acquire(blocking=False)
             if not got:
@@ -392,6 +397,7 @@ class GenerationQueue:
                                     retry_after=max(1, min(wait, 3600)))
                 self.waiting += 1
         if not got:
+            on_wait()
             try:
                 while not self._lock.acquire(timeout=0.1):
                     if gone():

@@ -232,13 +232,14 @@ class _Handler(JSONHandler):
     def _generate(self, answer: Callable, prompt: Prompt, *args) -> None:
         """Run `answer(prompt, *args)` when it is this request's turn with the model; a 503
         with Retry-After when the line is full."""
-        queue = self.server.queue
-        if queue.busy():
+        def waiting() -> None:
             self.log_message("waiting: another request is generating")
+
         try:
-            with queue.turn(gone=self.client_gone):
+            with self.server.queue.turn(gone=self.client_gone, on_wait=waiting):
                 self.log_message(f"generating up to {prompt.max_new_tokens} tokens after "
-                                 f"{len(prompt.ids)} ({prompt.dropped} messages dropped)")
+                                 f"{len(prompt.ids)} prompt tokens ({prompt.dropped} messages "
+                                 "dropped)")
                 answer(prompt, *args)
         except RequestError as e:                # QueueFull
             self.send_json_error(e)
