@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 
+from tinygpt.validate import check_number
+
 MAX_LINE = 8192                   # bytes of request line; longer is 414
 MAX_HEAD = 65536                  # bytes of all headers together; more is 431
 _DIGITS = re.compile(r"[0-9]{1,18}")
@@ -49,16 +51,13 @@ class Limits:
 
     def check(self) -> None:
         """A ValueError naming the flag of the first limit out of range."""
-        t = self.request_timeout
-        if not (math.isfinite(t) and 0 < t <= 3600):
-            raise ValueError(f"--request-timeout must be a number of seconds in (0, 3600], got {t}")
+        check_number("--request-timeout", self.request_timeout, 0, 3600, lo_open=True)
         for flag, value, lo in (("--max-connections", self.max_connections, 1),
                                 ("--max-queue", self.max_queue, 0),
                                 ("--max-body", self.max_body, 64),
                                 ("--max-prompt-bytes", self.max_prompt_bytes, 1),
                                 ("--max-messages", self.max_messages, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= 1 << 40:
-                raise ValueError(f"{flag} must be an integer >= {lo}, got {value}")
+            check_number(flag, value, lo)
 
 
 class RequestError(ValueError):
