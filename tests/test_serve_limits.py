@@ -115,6 +115,16 @@ def assert_serving(server: Server) -> None:
     assert status == 200 and answer["usage"]["completion_tokens"] == 2
 
 
+def test_it_listens_on_loopback_only_by_default(server):
+    table = Path("/proc/net/tcp")
+    if not table.is_file():
+        pytest.skip("no /proc/net/tcp to read the listening address from")
+    listening = [line.split()[1] for line in table.read_text().splitlines()[1:]
+                 if line.split()[3] == "0A"]                               # state LISTEN
+    assert f"0100007F:{server.port:04X}" in listening                     # 127.0.0.1:port
+    assert f"00000000:{server.port:04X}" not in listening                 # not 0.0.0.0
+
+
 # --- bad bodies and bad HTTP: a JSON error naming the field --------------------------------------
 
 @pytest.mark.parametrize("raw, param, match", [
