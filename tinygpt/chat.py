@@ -27,7 +27,7 @@ import numpy as np
 
 from tinygpt.generate import TextStream
 from tinygpt.finetune.templates import chatml, format_prompt, get_template
-from tinygpt.generate import stream
+from tinygpt.generate import LogitsProcessor, stream
 
 ROLES = ("system", "user", "assistant")
 
@@ -39,6 +39,7 @@ class Reply:
     prompt_tokens: int        # ids the model was given
     completion_tokens: int    # ids it produced (the end token counts)
     dropped: int = 0          # oldest messages left out so the prompt fits the context
+    tokens: list[int] = field(default_factory=list)   # the ids produced, end token included
 
 
 def check_messages(messages: Sequence[dict]) -> list[dict]:
@@ -112,8 +113,11 @@ def fit_prompt(tokenizer, messages: Sequence[dict], template: str, budget: int
 def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml", *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-             on_text: Callable[[str], None] | None = None) -> Reply:
+             on_text: Callable[[str], None] | None = None,
+             logits_processor: LogitsProcessor | None = None) -> Reply:
     """The model's reply to `messages`, streamed to `on_text(piece)` as it is decoded.
+
+    `logits_processor` is `generate.stream`'s (a JSON-schema constraint, a log-prob recorder).
 
     Stops at an end token (not part of the text), at the first of the `stop` strings (cut
     there), or after `max_new_tokens`. A piece is passed on only when it ends on a whole
@@ -131,10 +135,12 @@ def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml
 
     n, finish, stopped = 0, "length", False
     tokens = stream(model, np.array([ids]), max_new_tokens, temperature, top_k, top_p,
-                    seed=seed)
+                    seed=seed, logits_processor=logits_processor)
+    produced = []
     try:
         for token in tokens:
             n += 1
+            produced.append(int(token[0]))
             if int(token[0]) in end_ids:
                 finish = "stop"
                 break
@@ -149,7 +155,7 @@ def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml
         emit(piece + stops.flush())
     if stopped:
         finish = "stop"
-    return Reply(stops.text, finish, len(ids), n, dropped)
+    return Reply(stops.text, finish, len(ids), n, dropped, produced)
 
 
 class _StopText:

@@ -367,7 +367,8 @@ class Constraint:
     def from_regex(cls, tokenizer, pattern: str, eos_ids: Iterable[int]) -> Constraint:
         return cls(tokenizer, pattern, eos_ids)
 
-    def processor(self, prompt_length: int) -> ConstrainedLogits:
+    def processor(self, prompt_length: int | None = None) -> ConstrainedLogits:
+        """A fresh processor; without `prompt_length`, the first call's sequence is the prompt."""
         return ConstrainedLogits(self, prompt_length)
 
 
@@ -375,13 +376,15 @@ class ConstrainedLogits:
     """`generate`'s logits processor for one sequence: follows the tokens chosen so far
     (`seq[:, prompt_length:]`) through the DFA and masks the logits of every other token."""
 
-    def __init__(self, constraint: Constraint, prompt_length: int):
+    def __init__(self, constraint: Constraint, prompt_length: int | None = None):
         self.c, self.seen, self.state = constraint, prompt_length, constraint.guide.dfa.start
 
     def __call__(self, seq: np.ndarray, logits: np.ndarray) -> np.ndarray:
         if seq.shape[0] != 1:
             raise ValueError("constrained decoding runs one sequence at a time (batch 1)")
         guide = self.c.guide
+        if self.seen is None:
+            self.seen = seq.shape[1]
         for token in seq[0, self.seen:]:
             if self.state != DEAD and int(token) not in self.c.eos_ids:
                 self.state = guide.advance(self.state, int(token))

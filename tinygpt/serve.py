@@ -29,7 +29,10 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from tinygpt import ollama_api
 from tinygpt.chat import complete
+from tinygpt.logprobs import openai_content
+from tinygpt.structured import FieldError, openai_extras
 
 MAX_BODY = 8 * 1024 * 1024        # bytes; a prompt of a few thousand tokens is ~50 KB
 MAX_STOP = 4                      # OpenAI's limit on stop strings
@@ -178,7 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
         name = self.server.model_name
-        if path == "/v1/models":
+        if path.startswith("/api/"):
+            ollama_api.handle(self, "GET", path)
+        elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [self._model_card()]})
         elif path == f"/v1/models/{name}":
             self._send_json(200, self._model_card())
@@ -192,6 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
+        if path.startswith("/api/"):
+            ollama_api.handle(self, "POST", path)
+            return
         if path != "/v1/chat/completions":
             status = 405 if path.startswith("/v1/models") else 404
             self.close_connection = True         # its body, if any, is left unread
@@ -200,6 +208,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_json()
             messages, kwargs, stream, usage = parse_request(body, self.server.max_new_tokens)
+            extras = openai_extras(body)
+        except FieldError as e:
+            self._send_error(RequestError(str(e), e.param))
+            return
         except RequestError as e:
             self._send_error(e)
             return
@@ -207,9 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.log_message("waiting: another request is generating")
         with self.server.lock:                 # one generation at a time; the others wait here
             if stream:
-                self._stream(messages, kwargs, usage)
+                self._stream(messages, kwargs, usage, extras)
             else:
-                self._answer(messages, kwargs)
+                self._answer(messages, kwargs, extras)
 
     def do_PUT(self) -> None:
         self.close_connection = True
@@ -244,13 +256,23 @@ class _Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"the request body is not valid JSON ({e})") from None
 
-    def _reply(self, messages: list[dict], kwargs: dict, on_text=None):
+    def _reply(self, messages: list[dict], kwargs: dict, on_text=None, extras=None):
         s = self.server
-        return complete(s.model, s.tokenizer, messages, s.template, on_text=on_text, **kwargs)
+        processor = extras.processor(s.tokenizer, s.template) if extras else None
+        return complete(s.model, s.tokenizer, messages, s.template, on_text=on_text,
+                        logits_processor=processor, **kwargs)
 
-    def _answer(self, messages: list[dict], kwargs: dict) -> None:
+    def _logprobs(self, reply, extras, start: int = 0) -> dict | None:
+        """OpenAI's `logprobs` of a choice (tokens from `start` on), or None if not asked."""
+        if extras is None or not extras.logprobs:
+            return None
+        entries = extras.entries(reply, self.server.tokenizer, self.server.template)
+        return {"content": openai_content(self.server.tokenizer, entries[start:]),
+                "refusal": None}
+
+    def _answer(self, messages: list[dict], kwargs: dict, extras=None) -> None:
         try:
-            reply = self._reply(messages, kwargs)
+            reply = self._reply(messages, kwargs, extras=extras)
         except ValueError as e:             # e.g. an id the model's vocabulary lacks
             self._send_error(RequestError(str(e)))
             return
@@ -262,10 +284,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {
             **self._head("chat.completion"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                         "logprobs": None, "finish_reason": reply.finish_reason}],
+                         "logprobs": self._logprobs(reply, extras),
+                         "finish_reason": reply.finish_reason}],
             "usage": _usage(reply)})
 
-    def _stream(self, messages: list[dict], kwargs: dict, include_usage: bool) -> None:
+    def _stream(self, messages: list[dict], kwargs: dict, include_usage: bool,
+                extras=None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -274,14 +298,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         head = self._head("chat.completion.chunk")
 
-        def event(delta: dict, finish: str | None = None, **extra) -> None:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            self._event({**head, "choices": [choice], **extra})
+        sent = [0]                    # log-prob entries already sent
+
+        def event(delta: dict, finish: str | None = None, logprobs=None) -> None:
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            self._event({**head, "choices": [choice]})
+
+        def piece(text: str) -> None:
+            rec = extras.recorder if extras is not None and extras.logprobs else None
+            lp = None
+            if rec is not None:       # the tokens decoded since the last piece
+                lp = {"content": openai_content(self.server.tokenizer, rec.entries[sent[0]:]),
+                      "refusal": None}
+                sent[0] = len(rec.entries)
+            event({"content": text}, logprobs=lp)
 
         try:
             event({"role": "assistant", "content": ""})
-            reply = self._reply(messages, kwargs, on_text=lambda piece: event({"content": piece}))
-            event({}, reply.finish_reason)
+            reply = self._reply(messages, kwargs, on_text=piece, extras=extras)
+            event({}, reply.finish_reason, self._logprobs(reply, extras, sent[0]))
             if include_usage:
                 self._event({**head, "choices": [], "usage": _usage(reply)})
             self.wfile.write(b"data: [DONE]\n\n")
