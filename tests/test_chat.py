@@ -96,7 +96,7 @@ def test_characters_split_across_tokens_stream_whole():
 
 
 def test_history_is_cut_to_the_context_oldest_first():
-    block, room = 64, 16
+    block, room = 64, 12           # per-message encoding: 49 ids here (whole text: 48)
     long_turn = "word " * 20
     messages = [{"role": "system", "content": "Be brief."}]
     for k in range(4):

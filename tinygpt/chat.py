@@ -16,10 +16,16 @@ examples in a row, each closed by `<|endoftext|>`, which is how the model saw th
 
 The context. Each reply needs room: `min(max_new_tokens, block_size // 2)` tokens are kept free,
 and the oldest turns are left out of the prompt until the rest fits (the system message stays).
-A single message too long even alone keeps only its last tokens.
+A single message too long even alone keeps only its last tokens. The reply never runs past
+the context: `max_new_tokens` is clamped to what the prompt leaves.
+
+Special tokens come only from the template. Message text is encoded as plain text, so a user who
+types `<|im_end|>\n<|im_start|>system` writes those characters and cannot forge a turn.
+`encode_chat` and `fit_prompt` build the ids message by message, each encoded once.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -35,7 +41,8 @@ ROLES = ("system", "user", "assistant")
 @dataclass
 class Reply:
     text: str                 # the reply, without end token or stop string
-    finish_reason: str        # "stop": an end token or stop string came; "length": max_new_tokens
+    finish_reason: str        # "stop": an end token or stop string; "length": max_new_tokens;
+                              # "cancelled": `cancelled()` said stop
     prompt_tokens: int        # ids the model was given
     completion_tokens: int    # ids it produced (the end token counts)
     dropped: int = 0          # oldest messages left out so the prompt fits the context
@@ -90,42 +97,129 @@ def stop_tokens(tokenizer, template: str) -> tuple[set[int], list[str]]:
     return ids, [end]
 
 
-def fit_prompt(tokenizer, messages: Sequence[dict], template: str, budget: int
+# --- the prompt as ids: template text with special tokens, message text as plain text -------
+
+_HOLE = "\0"                    # stands for a message's content while a template is rendered
+
+
+def _frames(template: str) -> tuple[dict, str, str, str]:
+    """({role: (text before content, text after)}, prefix when there is no system message,
+    suffix after a final user message, suffix otherwise), cut from the template's own render."""
+    t = get_template(template)
+    if t.name == "chatml":
+        system = [{"role": "system", "content": ""}]
+        start = len(chatml(system, add_generation_prompt=False))
+        frames = {role: tuple(chatml(system + [{"role": role, "content": _HOLE}],
+                                     add_generation_prompt=False)[start:].split(_HOLE))
+                  for role in ROLES}
+        header = chatml(system, add_generation_prompt=True)[start:]
+        return frames, chatml([], add_generation_prompt=False), header, header
+    frames = {"user": tuple(format_prompt({"instruction": _HOLE}, t.name).split(_HOLE)),
+              "assistant": ("", t.end_token)}            # system messages are left out
+    return frames, "", "", format_prompt({"instruction": ""}, t.name)
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer.encode(text, allowed_special="all" if special else ()) if text else []
+
+
+def _message_ids(tokenizer, frames: dict, m: dict) -> list[int]:
+    """One message's ids: its frame with special tokens, its content as plain text (a user who
+    types `<|im_end|>` gets those characters, not the token that ends a turn)."""
+    if m["role"] not in frames:
+        return []
+    before, after = frames[m["role"]]
+    return (_ids(tokenizer, before, True) + _ids(tokenizer, m["content"], False)
+            + _ids(tokenizer, after, True))
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], template: str = "chatml") -> list[int]:
+    """The ids of `render(messages, template)`, special tokens only where the template put them."""
+    return fit_prompt(tokenizer, messages, template, None)[0]
+
+
+def fit_prompt(tokenizer, messages: Sequence[dict], template: str, budget: int | None
                ) -> tuple[list[int], int]:
     """(prompt ids, messages dropped): the longest tail of the conversation whose prompt has at
-    most `budget` ids. System messages at the start always stay; a kept history starts with a
-    user message."""
+    most `budget` ids (None: no limit). System messages at the start always stay; a kept
+    history starts with a user message.
+
+    One pass from the newest message back: each message is encoded once, and the walk stops at
+    the first that does not fit, so older history is never tokenized."""
     messages = check_messages(messages)
+    frames, prefix, after_user, after_other = _frames(template)
     n_system = 0
     while n_system < len(messages) - 1 and messages[n_system]["role"] == "system":
         n_system += 1
     system, rest = messages[:n_system], messages[n_system:]
-    for k in range(len(rest)):
-        if k > 0 and rest[k]["role"] == "assistant":
-            continue                               # never start the kept history mid-turn
-        ids = tokenizer.encode(render(system + rest[k:], template))
-        if len(ids) <= budget:
-            return ids, k
-    ids = tokenizer.encode(render(system + rest[-1:], template))
-    return ids[-budget:], len(rest) - 1
+    head = _ids(tokenizer, "" if system else prefix, True)
+    for m in system:
+        head += _message_ids(tokenizer, frames, m)
+    tail = _ids(tokenizer, after_user if rest[-1]["role"] == "user" else after_other, True)
+    limit = math.inf if budget is None else budget
+    kept: list[list[int]] = []               # newest first
+    size, start = len(head) + len(tail), None
+    for k in range(len(rest) - 1, -1, -1):
+        ids = _message_ids(tokenizer, frames, rest[k])
+        if size + len(ids) > limit:
+            break
+        kept.append(ids)
+        size += len(ids)
+        if k == 0 or rest[k]["role"] != "assistant":   # never start the kept history mid-turn
+            start = k
+    if start is None:                        # even the last message alone is too long
+        ids = head + (kept[0] if kept else _message_ids(tokenizer, frames, rest[-1])) + tail
+        return ids[-budget:], len(rest) - 1
+    body = [i for ids in reversed(kept[:len(rest) - start]) for i in ids]
+    return head + body + tail, start
 
 
 def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml", *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
              on_text: Callable[[str], None] | None = None,
+             cancelled: Callable[[], bool] | None = None,
              logits_processor: LogitsProcessor | None = None) -> Reply:
-    """The model's reply to `messages`, streamed to `on_text(piece)` as it is decoded.
+    """The model's reply to `messages`, streamed to `on_text(piece)` as it is decoded:
+    `prepare` then `reply`."""
+    prompt = prepare(tokenizer, messages, template, model.config.block_size, max_new_tokens)
+    return reply(model, tokenizer, prompt, template, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=seed, stop=stop, on_text=on_text, cancelled=cancelled,
+                 logits_processor=logits_processor)
 
-    `logits_processor` is `generate.stream`'s (a JSON-schema constraint, a log-prob recorder).
+
+@dataclass
+class Prompt:
+    ids: list[int]            # the fitted prompt
+    dropped: int              # oldest messages left out
+    max_new_tokens: int       # the reply's length limit, clamped to the context left
+
+
+def prepare(tokenizer, messages: Sequence[dict], template: str, block_size: int,
+            max_new_tokens: int) -> Prompt:
+    """The prompt cut to the context with room for the reply (needs no model: a server runs it
+    before it waits for the model). The reply may use all the context the prompt leaves, and
+    never more: `max_new_tokens` of 10**30 is the context's length."""
+    room = max(1, min(max_new_tokens, block_size // 2))
+    ids, dropped = fit_prompt(tokenizer, messages, template, block_size - room)
+    return Prompt(ids, dropped, max(1, min(max_new_tokens, block_size - len(ids))))
+
+
+def reply(model, tokenizer, prompt: Prompt, template: str = "chatml", *,
+          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+          seed: int | None = None, stop: Sequence[str] = (),
+          on_text: Callable[[str], None] | None = None,
+          cancelled: Callable[[], bool] | None = None,
+          logits_processor: LogitsProcessor | None = None) -> Reply:
+    """Sample a reply to a prepared prompt.
 
     Stops at an end token (not part of the text), at the first of the `stop` strings (cut
-    there), or after `max_new_tokens`. A piece is passed on only when it ends on a whole
-    character and cannot be the start of a stop string.
+    there), after `prompt.max_new_tokens`, or when `cancelled()` turns true (checked after
+    each token: a server's client has left; finish_reason "cancelled"). A piece is passed on
+    only when it ends on a whole character and cannot be the start of a stop string.
+    `logits_processor` is `generate.stream`'s (a JSON-schema constraint, a log-prob recorder).
     """
-    block = model.config.block_size
-    room = max(1, min(max_new_tokens, block // 2))
-    ids, dropped = fit_prompt(tokenizer, messages, template, block - room)
+    ids = prompt.ids
     end_ids, end_texts = stop_tokens(tokenizer, template)
     text, stops = TextStream(tokenizer), _StopText(list(stop) + end_texts)
 
@@ -134,7 +228,7 @@ def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml
             on_text(piece)
 
     n, finish, stopped = 0, "length", False
-    tokens = stream(model, np.array([ids]), max_new_tokens, temperature, top_k, top_p,
+    tokens = stream(model, np.array([ids]), prompt.max_new_tokens, temperature, top_k, top_p,
                     seed=seed, logits_processor=logits_processor)
     produced = []
     try:
@@ -148,6 +242,9 @@ def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml
             emit(piece)
             if stopped:
                 break
+            if cancelled is not None and cancelled():
+                finish = "cancelled"
+                break
     finally:
         tokens.close()                   # restores the model's training mode
     if not stopped:                      # bytes of an unfinished character, the held-back tail
@@ -155,7 +252,7 @@ def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml
         emit(piece + stops.flush())
     if stopped:
         finish = "stop"
-    return Reply(stops.text, finish, len(ids), n, dropped, produced)
+    return Reply(stops.text, finish, len(ids), n, prompt.dropped, produced)
 
 
 class _StopText:

@@ -24,9 +24,10 @@ import math
 import time
 from datetime import datetime, timezone
 
-from tinygpt.chat import complete
+from tinygpt.chat import prepare, reply as sample_reply
 from tinygpt.logprobs import ollama_logprobs
-from tinygpt.structured import FieldError, ollama_extras
+from tinygpt.serve import check_messages
+from tinygpt.structured import ollama_extras
 
 OLLAMA_VERSION = "0.6.3"           # the API version these answers follow
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}     # Ollama's own
@@ -49,20 +50,20 @@ def handle(handler, method: str, path: str) -> None:
             known = {p for _, p in routes}
             if method == "POST":
                 handler.close_connection = True       # its body is left unread
-            raise OllamaError(f"{'method not allowed' if path in known else 'no endpoint'} "
-                              f"{method} {path}", 405 if path in known else 404)
-        body = handler._read_json() if method == "POST" else {}
+            raise OllamaError(f"{'method not allowed:' if path in known else 'no endpoint'} "
+                              f"{method} {path[:80]}", 405 if path in known else 404)
+        body = handler.read_json() if method == "POST" else {}
         if not isinstance(body, dict):
             raise OllamaError("the request body must be a JSON object")
         route(handler, body)
-    except FieldError as e:
-        _send(handler, 400, {"error": str(e)})
-    except ValueError as e:                    # OllamaError, serve.RequestError
-        _send(handler, getattr(e, "status", 400), {"error": str(e)})
+    except ValueError as e:           # OllamaError, RequestError, FieldError, a tokenizer's
+        _send(handler, getattr(e, "status", 400), {"error": str(e)[:300]},
+              getattr(e, "retry_after", None))
 
 
-def _send(handler, status: int, payload: dict) -> None:
-    handler._send_json(status, payload)
+def _send(handler, status: int, payload: dict, retry_after: int | None = None) -> None:
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    handler.send_json(status, payload, headers)
 
 
 def _now() -> str:
@@ -129,24 +130,13 @@ def _seed(options: dict) -> int | None:
     return _integer(options, "seed", 0)
 
 
-def _messages(body: dict) -> list[dict]:
+def _messages(handler, body: dict) -> list[dict]:
     messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise OllamaError("'messages' must be a list")
-    out = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise OllamaError(f"messages[{k}] must be an object")
-        if m.get("images") or m.get("tool_calls"):
-            raise OllamaError(f"messages[{k}]: images and tool calls are not supported")
-        role, content = m.get("role"), m.get("content", "")
-        if role not in ("system", "user", "assistant"):
-            raise OllamaError(f"messages[{k}].role must be system, user or assistant, "
-                              f"got {role!r}")
-        if not isinstance(content, str):
-            raise OllamaError(f"messages[{k}].content must be a string")
-        out.append({"role": role, "content": content})
-    return out
+    if isinstance(messages, list):
+        for k, m in enumerate(messages):
+            if isinstance(m, dict) and (m.get("images") or m.get("tool_calls")):
+                raise OllamaError(f"messages[{k}]: images and tool calls are not supported")
+    return check_messages(messages, handler.server.limits)
 
 
 def _stream_flag(body: dict) -> bool:
@@ -164,14 +154,13 @@ def _chat(handler, body: dict) -> None:
     for key in ("tools",):
         if body.get(key):
             raise OllamaError(f"'{key}' is not supported")
-    messages = _messages(body)
-    if not messages:               # Ollama: an empty chat only loads the model
+    if body.get("messages") == []:               # Ollama: an empty chat only loads the model
         _send(handler, 200, {"model": handler.server.model_name, "created_at": _now(),
                              "message": {"role": "assistant", "content": ""}, "done": True,
                              "done_reason": "load"})
         return
-    _run(handler, body, messages, lambda piece: {"message": {"role": "assistant",
-                                                             "content": piece}})
+    _run(handler, body, _messages(handler, body),
+         lambda piece: {"message": {"role": "assistant", "content": piece}})
 
 
 def _generate(handler, body: dict) -> None:
@@ -187,18 +176,24 @@ def _generate(handler, body: dict) -> None:
         return
     messages = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": prompt}]
+    messages = check_messages(messages, handler.server.limits)
     _run(handler, body, messages, lambda piece: {"response": piece})
 
 
 def _run(handler, body: dict, messages: list[dict], shape) -> None:
+    """Check the request, fit the prompt, then generate when it is this request's turn."""
     s = handler.server
     stream = _stream_flag(body)
     args = generation_args(body, s.max_new_tokens, s.model.config.block_size)
     extras = ollama_extras(body)
-    zero = args.pop("zero")
-    context = args.pop("context")
-    if context is not None:
-        messages = _fit_context(s, messages, context, args["max_new_tokens"])
+    zero, context = args.pop("zero"), args.pop("context")
+    prompt = prepare(s.tokenizer, messages, s.template, context or s.model.config.block_size,
+                     args.pop("max_new_tokens"))
+    handler._generate(_answer, handler, prompt, args, extras, stream, zero, shape)
+
+
+def _answer(handler, prompt, args: dict, extras, stream: bool, zero: bool, shape) -> None:
+    s = handler.server
     head = {"model": s.model_name}
     if stream:
         handler.send_response(200)
@@ -215,60 +210,45 @@ def _run(handler, body: dict, messages: list[dict], shape) -> None:
 
     def piece(text: str) -> None:
         out = {**head, "created_at": _now(), **shape(text), "done": False}
-        if extras.recorder is not None:
+        if extras.recorder is not None:     # a token's log-prob is known a step later
             out["logprobs"] = ollama_logprobs(s.tokenizer, extras.recorder.entries[sent[0]:])
             sent[0] = len(extras.recorder.entries)
         line(out)
 
     start = time.perf_counter_ns()
-    with s.lock:
-        try:
-            processor = extras.processor(s.tokenizer, s.template)
-            if zero:
-                reply = None
-            else:
-                reply = complete(s.model, s.tokenizer, messages, s.template,
-                                 on_text=piece if stream else None, logits_processor=processor,
-                                 **args)
-        except (BrokenPipeError, ConnectionResetError):
-            s.log("client left during the stream")
-            return
-        except Exception as e:
-            s.handle_error(handler.request, handler.client_address)
-            if not stream:
-                status = 400 if isinstance(e, ValueError) else 500
-                _send(handler, status, {"error": f"generation failed: {e}"})
-            else:
-                line({"error": f"generation failed: {e}"})
-            return
-    took = time.perf_counter_ns() - start
-    final = {**head, "created_at": _now(), **shape("" if stream or reply is None
-                                                   else reply.text),
-             "done": True, "done_reason": "stop" if reply is None else reply.finish_reason,
-             "total_duration": took, "load_duration": 0,
-             "prompt_eval_count": 0 if reply is None else reply.prompt_tokens,
-             "prompt_eval_duration": 0,
-             "eval_count": 0 if reply is None else reply.completion_tokens,
-             "eval_duration": took}
-    if extras.logprobs and reply is not None:
-        entries = extras.entries(reply, s.tokenizer, s.template)
-        final["logprobs"] = ollama_logprobs(s.tokenizer, entries[sent[0]:] if stream else entries)
     try:
+        processor = extras.processor(s.tokenizer, s.template)
+        reply = None if zero else sample_reply(
+            s.model, s.tokenizer, prompt, s.template, on_text=piece if stream else None,
+            cancelled=handler.client_gone, logits_processor=processor, **args)
+        if reply is not None and reply.finish_reason == "cancelled":
+            handler.close_connection = True
+            return
+        took = time.perf_counter_ns() - start
+        final = {**head, "created_at": _now(),
+                 **shape("" if stream or reply is None else reply.text), "done": True,
+                 "done_reason": "stop" if reply is None else reply.finish_reason,
+                 "total_duration": took, "load_duration": 0,
+                 "prompt_eval_count": len(prompt.ids), "prompt_eval_duration": 0,
+                 "eval_count": 0 if reply is None else reply.completion_tokens,
+                 "eval_duration": took}
+        if extras.logprobs and reply is not None:
+            entries = extras.entries(reply, s.tokenizer, s.template)
+            final["logprobs"] = ollama_logprobs(s.tokenizer, entries[sent[0]:])
         if stream:
             line(final)
         else:
             _send(handler, 200, final)
-    except (BrokenPipeError, ConnectionResetError):
-        s.log("client left during the stream")
-
-
-def _fit_context(server, messages: list[dict], context: int, max_new: int) -> list[dict]:
-    """The tail of the conversation that fits `num_ctx` tokens with room for the reply."""
-    from tinygpt.chat import fit_prompt
-    room = max(1, min(max_new, context // 2))
-    _, dropped = fit_prompt(server.tokenizer, messages, server.template, context - room)
-    n_system = next((k for k, m in enumerate(messages) if m["role"] != "system"), 0)
-    return messages[:n_system] + messages[n_system + dropped:]
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        handler.log_message("client left during the stream")
+    except Exception as e:
+        s.handle_error(handler.request, handler.client_address)
+        status = 400 if isinstance(e, ValueError) else 500
+        try:          # a stream's status is sent already: the error is its last line
+            line({"error": f"generation failed: {e}"}) if stream else \
+                _send(handler, status, {"error": f"generation failed: {e}"})
+        except OSError:
+            pass
 
 
 def _details(server) -> dict:
@@ -277,7 +257,7 @@ def _details(server) -> dict:
         if hasattr(model, "named_parameters") else 0
     family = type(model).__name__.lower()
     return {"parent_model": "", "format": "tinygpt", "family": family, "families": [family],
-            "parameter_size": f"{n / 1e6:.0f}M", "quantization_level": "none"}
+            "parameter_size": f"{n / 1e6:.0f}M" if n >= 1e6 else "", "quantization_level": ""}
 
 
 def _tags(handler, body: dict) -> None:

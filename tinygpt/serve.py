@@ -14,57 +14,50 @@ does `tinygpt evaluate --api openai --judge http://127.0.0.1:8000`. Honoured: `t
 (0-2, 0 is greedy), `top_p`, `max_tokens` / `max_completion_tokens`, `seed`, `stop` (a string or
 up to 4), `stream`, `stream_options.include_usage`, and `top_k` (not OpenAI's, llama.cpp's).
 `model` may name anything: there is one model, and answers carry its name. `n` must be 1.
+Structured output and log-probs (`structured.py`): `response_format` (`json_schema`,
+`json_object`) constrains decoding to the schema, and `logprobs` / `top_logprobs` return
+OpenAI's `choices[0].logprobs.content`. Ollama's API (`/api/chat`, `/api/generate`, `/api/tags`,
+`/api/show`) is `ollama_api.py`'s, on the same server.
 
-Requests are read by a thread each, but the model answers one at a time: a second request waits
-for the lock while the first is generating (NumPy and numba already use both cores).
+Limits (`http_server.Limits`, each a `tinygpt serve` flag): connections, request time, body
+and prompt size, messages, and the line of requests waiting while one generates. Requests are
+read by a thread each, but the model answers one at a time (`GenerationQueue`; NumPy and numba
+already use both cores). The prompt is fitted to the context before a request joins the line,
+`max_tokens` is clamped to the context, and a client that leaves stops its generation.
+
+Adding a route: a `do_GET` / `do_POST` branch that reads its body with `read_json()`, checks it
+into a RequestError naming the field, and generates inside `self._generate(...)`.
 """
 from __future__ import annotations
 
 import json
 import math
-import threading
 import time
-import traceback
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from tinygpt import ollama_api
-from tinygpt.chat import complete
+from tinygpt.chat import Prompt, prepare, reply as sample_reply
 from tinygpt.logprobs import openai_content
-from tinygpt.structured import FieldError, openai_extras
+from tinygpt.structured import Extras, FieldError, openai_extras
+from tinygpt.http_server import BoundedServer, GenerationQueue, JSONHandler, Limits, RequestError
 
-MAX_BODY = 8 * 1024 * 1024        # bytes; a prompt of a few thousand tokens is ~50 KB
 MAX_STOP = 4                      # OpenAI's limit on stop strings
+MAX_STOP_CHARS = 256              # characters per stop string (each is looked for after each token)
+MAX_INT = 2**31 - 1               # largest max_tokens / top_k accepted (then clamped to the model)
 
 
-class RequestError(ValueError):
-    """A bad request: sent back as a JSON error with this status."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.param, self.status, self.kind, self.code = param, status, kind, code
-
-
-class ChatServer(ThreadingHTTPServer):
-    """The server: the model, its tokenizer and template, and the lock generation holds."""
-
-    daemon_threads = True         # a client that hangs does not keep the process alive
+class ChatServer(BoundedServer):
+    """The server: the model, its tokenizer and template, and the queue generation waits in."""
 
     def __init__(self, address: tuple[str, int], model, tokenizer, template: str = "chatml",
                  model_name: str = "tinygpt", max_new_tokens: int = 256,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, limits: Limits | None = None):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.model_name, self.max_new_tokens = model_name, max_new_tokens
-        self.log = log or (lambda line: None)
-        self.lock = threading.Lock()
+        limits = limits or Limits()
+        self.queue = GenerationQueue(limits.max_queue)
         self.created = int(time.time())
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request, client_address) -> None:
-        # socketserver prints tracebacks to stderr; a library hands them to its log instead
-        self.log(f"error while serving {client_address[0]}:\n{traceback.format_exc()}")
+        super().__init__(address, _Handler, limits, log)
 
     @property
     def url(self) -> str:
@@ -74,31 +67,35 @@ class ChatServer(ThreadingHTTPServer):
 
 def make_server(model, tokenizer, template: str = "chatml", host: str = "127.0.0.1",
                 port: int = 8000, model_name: str = "tinygpt", max_new_tokens: int = 256,
-                log: Callable[[str], None] | None = None) -> ChatServer:
+                log: Callable[[str], None] | None = None, limits: Limits | None = None
+                ) -> ChatServer:
     """A bound server (port 0 picks a free port: `server.server_address[1]`); run it with
     `serve_forever()` and stop it with `shutdown()` from another thread."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    return ChatServer((host, port), model, tokenizer, template, model_name, max_new_tokens, log)
+    return ChatServer((host, port), model, tokenizer, template, model_name, max_new_tokens, log,
+                      limits)
 
 
 # --- the request ------------------------------------------------------------------------------
 
-def parse_request(body: object, default_max_tokens: int) -> tuple[list[dict], dict, bool, bool]:
-    """(messages, keyword arguments for `chat.complete`, stream, include usage in the stream)
-    from a chat-completions body; a `RequestError` naming the first bad field."""
+def parse_request(body: object, default_max_tokens: int, limits: Limits | None = None
+                  ) -> tuple[list[dict], dict, bool, bool]:
+    """(messages, keyword arguments for `chat.reply` plus max_new_tokens, stream, include usage
+    in the stream) from a chat-completions body; a `RequestError` naming the first bad field."""
     if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    messages = _messages(body.get("messages"))
+        raise RequestError("the request body must be a JSON object", "body")
+    messages = check_messages(body.get("messages"), limits or Limits())
     if body.get("n") not in (None, 1):
         raise RequestError("only n = 1 is supported", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     kwargs = {
         "temperature": _number(body.get("temperature"), "temperature", 0.0, 2.0, 1.0),
         "top_p": _number(body.get("top_p"), "top_p", 0.0, 1.0, None, open_low=True),
-        "top_k": _integer(body.get("top_k"), "top_k", 1, None),
-        "max_new_tokens": _integer(max_tokens, "max_tokens", 1, default_max_tokens),
-        "seed": _integer(body.get("seed"), "seed", None, None),
+        "top_k": _integer(body.get("top_k"), "top_k", 1, MAX_INT, None),
+        "max_new_tokens": _integer(max_tokens, name, 1, MAX_INT, default_max_tokens),
+        "seed": _integer(body.get("seed"), "seed", 0, 2**64 - 1, None),
         "stop": _stop(body.get("stop")),
     }
     stream = body.get("stream", False)
@@ -110,10 +107,15 @@ def parse_request(body: object, default_max_tokens: int) -> tuple[list[dict], di
     return messages, kwargs, bool(stream), bool(options.get("include_usage"))
 
 
-def _messages(messages: object) -> list[dict]:
+def check_messages(messages: object, limits: Limits) -> list[dict]:
+    """Chat messages as {"role", "content"} dicts within `limits`; a RequestError naming the
+    first bad one (Ollama's /api/chat uses it too)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
-    out = []
+    if len(messages) > limits.max_messages:
+        raise RequestError(f"{len(messages)} messages; the limit is {limits.max_messages} "
+                           "(--max-messages)", "messages", code="too_many_messages")
+    out, size = [], 0
     for k, m in enumerate(messages):
         if not isinstance(m, dict):
             raise RequestError(f"messages[{k}] must be an object", f"messages[{k}]")
@@ -121,7 +123,7 @@ def _messages(messages: object) -> list[dict]:
         role = "system" if role == "developer" else role          # OpenAI's newer name
         if role not in ("system", "user", "assistant"):
             raise RequestError(f"messages[{k}].role must be system, user or assistant, got "
-                               f"{role!r}", f"messages[{k}].role")
+                               f"{str(role)[:40]!r}", f"messages[{k}].role")
         if isinstance(content, list):           # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text"
                        and isinstance(p.get("text"), str) for p in content):
@@ -131,6 +133,15 @@ def _messages(messages: object) -> list[dict]:
         if not isinstance(content, str):
             raise RequestError(f"messages[{k}].content must be a string",
                                f"messages[{k}].content")
+        try:
+            size += len(content.encode("utf-8"))
+        except UnicodeEncodeError:              # a lone surrogate ("\ud800"): U+FFFD, as HF
+            content = content.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            size += len(content.encode("utf-8"))
+        if size > limits.max_prompt_bytes:
+            raise RequestError(f"the messages are over {limits.max_prompt_bytes} bytes of text, "
+                               "the limit (--max-prompt-bytes)", "messages",
+                               code="prompt_too_large")
         out.append({"role": role, "content": content})
     return out
 
@@ -139,21 +150,24 @@ def _number(value: object, name: str, lo: float, hi: float, default: float | Non
             open_low: bool = False) -> float | None:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"'{name}' must be a finite number", name)
-    if value < lo or value > hi or (open_low and value == lo):
+    if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+        value = float("inf")                    # float(10**400) would raise
+    if not math.isfinite(value) or value < lo or value > hi or (open_low and value == lo):
         low = "(" if open_low else "["
-        raise RequestError(f"'{name}' must be in {low}{lo:g}, {hi:g}], got {value}", name)
+        raise RequestError(f"'{name}' must be a finite number in {low}{lo:g}, {hi:g}]", name)
     return float(value)
 
 
-def _integer(value: object, name: str, lo: int | None, default: int | None) -> int | None:
+def _integer(value: object, name: str, lo: int, hi: int, default: int | None) -> int | None:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(f"'{name}' must be an integer", name)
-    if lo is not None and value < lo:
-        raise RequestError(f"'{name}' must be >= {lo}, got {value}", name)
+    if not lo <= value <= hi:
+        shown = str(value) if abs(value) < 10**30 else f"about 2**{value.bit_length()}"
+        raise RequestError(f"'{name}' must be in [{lo}, {hi}], got {shown}", name)
     return value
 
 
@@ -162,107 +176,105 @@ def _stop(stop: object) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if (not isinstance(stops, list) or len(stops) > MAX_STOP
-            or not all(isinstance(s, str) for s in stops)):
-        raise RequestError(f"'stop' must be a string or a list of up to {MAX_STOP} strings", "stop")
+            or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise RequestError(f"'stop' must be a string or a list of up to {MAX_STOP} strings of "
+                           f"up to {MAX_STOP_CHARS} characters", "stop")
     return stops
 
 
 # --- the handler ------------------------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"       # keep-alive for JSON answers; streams close at the end
-    server_version = "tinygpt"
-    timeout = 60                        # seconds a client may take to send its request
+class _Handler(JSONHandler):
     server: ChatServer
 
-    def log_message(self, format: str, *args) -> None:
-        self.server.log(f"{self.address_string()} {format % args}")
-
     def do_GET(self) -> None:
+        if self.headers.get("Content-Length", "0").strip() != "0" or \
+                self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True         # a body we do not read ends the connection
         path = self.path.split("?")[0].rstrip("/")
         name = self.server.model_name
         if path.startswith("/api/"):
+            from tinygpt import ollama_api       # here: it builds on this module's checks
             ollama_api.handle(self, "GET", path)
         elif path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [self._model_card()]})
+            self.send_json(200, {"object": "list", "data": [self._model_card()]})
         elif path == f"/v1/models/{name}":
-            self._send_json(200, self._model_card())
+            self.send_json(200, self._model_card())
         elif path.startswith("/v1/models/"):
-            self._send_error(RequestError(f"no model {path[len('/v1/models/'):]!r}; this server "
-                                          f"has {name!r}", "model", 404, code="model_not_found"))
+            self.send_json_error(RequestError(
+                f"no model {path[len('/v1/models/'):][:80]!r}; this server has {name!r}",
+                "model", 404, code="model_not_found"))
         elif path == "/v1/chat/completions":
-            self._send_error(RequestError("use POST", status=405))
+            self.send_json_error(RequestError("use POST", status=405))
         else:
-            self._send_error(RequestError(f"no endpoint {path or '/'}", status=404))
+            self.send_json_error(RequestError(f"no endpoint {path[:80] or '/'}", status=404))
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
         if path.startswith("/api/"):
+            from tinygpt import ollama_api
             ollama_api.handle(self, "POST", path)
             return
         if path != "/v1/chat/completions":
             status = 405 if path.startswith("/v1/models") else 404
             self.close_connection = True         # its body, if any, is left unread
-            self._send_error(RequestError(f"no endpoint POST {path or '/'}", status=status))
+            self.send_json_error(RequestError(f"no endpoint POST {path[:80] or '/'}",
+                                              status=status))
             return
+        s = self.server
         try:
-            body = self._read_json()
-            messages, kwargs, stream, usage = parse_request(body, self.server.max_new_tokens)
+            body = self.read_json()
+            messages, kwargs, stream, usage = parse_request(body, s.max_new_tokens, s.limits)
             extras = openai_extras(body)
+            prompt = prepare(s.tokenizer, messages, s.template, s.model.config.block_size,
+                             kwargs.pop("max_new_tokens"))
         except FieldError as e:
-            self._send_error(RequestError(str(e), e.param))
+            self.send_json_error(RequestError(str(e), e.param))
             return
         except RequestError as e:
-            self._send_error(e)
+            self.send_json_error(e)
             return
-        if self.server.lock.locked():
-            self.log_message("waiting: another request is generating")
-        with self.server.lock:                 # one generation at a time; the others wait here
-            if stream:
-                self._stream(messages, kwargs, usage, extras)
-            else:
-                self._answer(messages, kwargs, extras)
+        except ValueError as e:                  # e.g. a character the tokenizer lacks
+            self.send_json_error(RequestError(str(e)[:300], "messages"))
+            return
+        if stream:
+            self._generate(self._stream, prompt, kwargs, usage, extras)
+        else:
+            self._generate(self._answer, prompt, kwargs, extras)
 
     def do_PUT(self) -> None:
         self.close_connection = True
-        self._send_error(RequestError("method not allowed", status=405))
+        self.send_json_error(RequestError("method not allowed", status=405))
 
     do_DELETE = do_PATCH = do_PUT
+
+    def _generate(self, answer, *args) -> None:
+        """Run `answer(*args)` when it is this request's turn with the model; a 503 with
+        Retry-After when the line is full."""
+        queue = self.server.queue
+        if queue.busy():
+            self.log_message("waiting: another request is generating")
+        try:
+            with queue.turn(gone=self.client_gone):
+                answer(*args)
+        except RequestError as e:                # QueueFull
+            self.send_json_error(e)
 
     def _model_card(self) -> dict:
         return {"id": self.server.model_name, "object": "model", "created": self.server.created,
                 "owned_by": "tinygpt"}
 
-    def _read_json(self) -> object:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise RequestError("chunked request bodies are not supported; send Content-Length",
-                               status=411)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError("a request body with Content-Length is required", status=411)
-        try:
-            n = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(f"bad Content-Length {length!r}") from None
-        if n < 0 or n > MAX_BODY:
-            self.close_connection = True      # the body is left unread: the connection is spent
-            raise RequestError(f"the request body is {n} bytes; the limit is {MAX_BODY}",
-                               status=413)
-        raw = self.rfile.read(n)
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({e})") from None
-
-    def _reply(self, messages: list[dict], kwargs: dict, on_text=None, extras=None):
+    def _reply(self, prompt: Prompt, kwargs: dict, on_text=None, extras: Extras | None = None):
         s = self.server
         processor = extras.processor(s.tokenizer, s.template) if extras else None
-        return complete(s.model, s.tokenizer, messages, s.template, on_text=on_text,
-                        logits_processor=processor, **kwargs)
+        reply = sample_reply(s.model, s.tokenizer, prompt, s.template, on_text=on_text,
+                             cancelled=self.client_gone, logits_processor=processor, **kwargs)
+        if reply.finish_reason == "cancelled":
+            self.close_connection = True
+            self.log_message(f"client left: stopped after {reply.completion_tokens} tokens")
+        return reply
 
-    def _logprobs(self, reply, extras, start: int = 0) -> dict | None:
+    def _logprobs(self, reply, extras: Extras | None, start: int = 0) -> dict | None:
         """OpenAI's `logprobs` of a choice (tokens from `start` on), or None if not asked."""
         if extras is None or not extras.logprobs:
             return None
@@ -270,26 +282,26 @@ class _Handler(BaseHTTPRequestHandler):
         return {"content": openai_content(self.server.tokenizer, entries[start:]),
                 "refusal": None}
 
-    def _answer(self, messages: list[dict], kwargs: dict, extras=None) -> None:
+    def _answer(self, prompt: Prompt, kwargs: dict, extras: Extras | None = None) -> None:
         try:
-            reply = self._reply(messages, kwargs, extras=extras)
+            reply = self._reply(prompt, kwargs, extras=extras)
         except ValueError as e:             # e.g. an id the model's vocabulary lacks
-            self._send_error(RequestError(str(e)))
+            self.send_json_error(RequestError(str(e)[:300]))
             return
         except Exception as e:
             self.server.handle_error(self.request, self.client_address)
-            self._send_error(RequestError(f"generation failed: {e}", status=500,
-                                          kind="server_error"))
+            self.send_json_error(RequestError(f"generation failed: {e}", status=500,
+                                              kind="server_error"))
             return
-        self._send_json(200, {
+        self.send_json(200, {
             **self._head("chat.completion"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                          "logprobs": self._logprobs(reply, extras),
                          "finish_reason": reply.finish_reason}],
             "usage": _usage(reply)})
 
-    def _stream(self, messages: list[dict], kwargs: dict, include_usage: bool,
-                extras=None) -> None:
+    def _stream(self, prompt: Prompt, kwargs: dict, include_usage: bool,
+                extras: Extras | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -305,9 +317,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._event({**head, "choices": [choice]})
 
         def piece(text: str) -> None:
+            # a token's log-prob is known once the next step starts: a chunk carries those
+            # of the tokens before its last, and the final chunk the rest
             rec = extras.recorder if extras is not None and extras.logprobs else None
             lp = None
-            if rec is not None:       # the tokens decoded since the last piece
+            if rec is not None:
                 lp = {"content": openai_content(self.server.tokenizer, rec.entries[sent[0]:]),
                       "refusal": None}
                 sent[0] = len(rec.entries)
@@ -315,13 +329,15 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             event({"role": "assistant", "content": ""})
-            reply = self._reply(messages, kwargs, on_text=piece, extras=extras)
+            reply = self._reply(prompt, kwargs, on_text=piece, extras=extras)
+            if reply.finish_reason == "cancelled":
+                return
             event({}, reply.finish_reason, self._logprobs(reply, extras, sent[0]))
             if include_usage:
                 self._event({**head, "choices": [], "usage": _usage(reply)})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.log_message("client left during the stream")
         except Exception as e:
             self.server.handle_error(self.request, self.client_address)
@@ -339,22 +355,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n")
         self.wfile.flush()
 
-    def _send_json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, e: RequestError) -> None:
-        self._send_json(e.status, {"error": {"message": str(e), "type": e.kind,
-                                             "param": e.param, "code": e.code}})
-
 
 def _usage(reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
-__all__ = ["ChatServer", "RequestError", "make_server", "parse_request"]
+__all__ = ["ChatServer", "Limits", "RequestError", "make_server", "parse_request"]

@@ -233,7 +233,8 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server for a "
                        "model", description="Serve one model over HTTP the way OpenAI's API "
                        "does (/v1/chat/completions, streaming or not, and /v1/models), one "
-                       "request at a time. Ctrl-C stops.")
+                       "generation at a time, on 127.0.0.1 unless --host says otherwise. "
+                       "Ctrl-C stops.")
     p.add_argument("--model", required=True, help=".gguf file, Llama hub folder, GPT-2 name, "
                    "training run or model folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -244,21 +245,44 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=256,
                    help="longest reply when a request sets no max_tokens (default 256)")
     p.add_argument("--quiet", action="store_true", help="no request log on stderr")
+    from tinygpt.http_server import Limits
+    d = Limits()
+    limits = p.add_argument_group("limits (what one client can make the server do)")
+    limits.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                        help="seconds a client has to send each request, headers and body; "
+                        f"an idle connection is closed after as long (default "
+                        f"{d.request_timeout:g})")
+    limits.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help="open connections, a thread each; more are answered 503 "
+                        f"(default {d.max_connections})")
+    limits.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help="requests waiting while one generates; more are answered 503 with "
+                        f"Retry-After (default {d.max_queue})")
+    limits.add_argument("--max-body", type=int, default=d.max_body,
+                        help=f"bytes of request body (default {d.max_body})")
+    limits.add_argument("--max-prompt-bytes", type=int, default=d.max_prompt_bytes,
+                        help=f"bytes of message text in a request (default {d.max_prompt_bytes})")
+    limits.add_argument("--max-messages", type=int, default=d.max_messages,
+                        help=f"messages in a request (default {d.max_messages})")
     _add_quantize(p)
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args, ready=None) -> int:
     """`ready(server)` is called once it listens (tests use it to learn the port)."""
+    from tinygpt.http_server import Limits
     from tinygpt.serve import make_server
     _check_int("--port", args.port, 0, 65535)
     _check_int("--max-tokens", args.max_tokens, 1)
+    limits = Limits(args.request_timeout, args.max_connections, args.max_queue, args.max_body,
+                    args.max_prompt_bytes, args.max_messages)
+    limits.check()                              # before the model loads: a bad flag fails fast
     model, tok, template = _load(args)
     name = args.name or Path(args.model.rstrip("/")).stem or "tinygpt"
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         server = make_server(model, tok, template, args.host, args.port, name, args.max_tokens,
-                             log)
+                             log, limits)
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(f"serving {name} ({template}) on {server.url} (POST /chat/completions, GET /models); "
