@@ -15,8 +15,13 @@ Wire formats:
 - OpenAI-compatible, `POST /v1/chat/completions` (llama.cpp, vLLM, `tinygpt serve`, ...): the
   answer is `choices[0].message.content`.
 
-As in the book an answer is parsed with `int()`; an answer that is not an integer is counted and
-listed, never averaged. An empty response scores 0 without asking. Connection failures, time-outs
+The score is asked for as JSON, `{"score": N}` under a schema with 0 <= N <= 100 (`scoring.py`:
+Ollama's `format`, OpenAI's `response_format`; `tinygpt serve` decodes inside it, so even a
+135M judge answers with a number). A server that refuses the schema (a 4xx naming it) is asked
+again with the book's free-text prompt, and so is every later entry. With `scoring="expected"`
+the score's top log-probabilities are asked for too, and each entry also gets its expected
+score. A free-text answer is parsed with `int()` as in the book; only integers 0-100 count, and
+an answer that is not one is counted and listed, never averaged. An empty response scores 0 without asking. Connection failures, time-outs
 and 5xx answers are retried with exponential backoff; a judge that is down or lacks the model
 ends the run with one line saying how to start it.
 """
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from tinygpt.finetune.templates import format_input
+from tinygpt.scoring import expected_score, parse_score, structured_fields
 
 # chapter 7, section 7.8, byte for byte
 JUDGE_PROMPT = ("Given the input `{prompt}` and correct output `{output}`, score the model "
@@ -53,6 +59,12 @@ class Scores:
     scores: list[int] = field(default_factory=list)              # parsed scores, in entry order
     unparsed: list[tuple[int, str]] = field(default_factory=list)  # (entry index, answer)
     total: int = 0                                                # entries scored or tried
+    expected: list[float] = field(default_factory=list)   # expected scores, where logprobs came
+    structured: bool = True       # False once the judge refused the schema (book's free text)
+
+    @property
+    def expected_average(self) -> float | None:
+        return sum(self.expected) / len(self.expected) if self.expected else None
 
     @property
     def average(self) -> float | None:
@@ -81,23 +93,46 @@ def endpoint(url: str | None, api: str) -> str:
     return url
 
 
-def request_body(prompt: str, model: str, api: str) -> dict:
+def request_body(prompt: str, model: str, api: str, structured: bool = False,
+                 logprobs: bool = False) -> dict:
+    """The book's request; `structured` adds the score's JSON schema, `logprobs` asks for the
+    tokens' top log-probabilities."""
     messages = [{"role": "user", "content": prompt}]
     if api == "ollama":
-        return {"model": model, "messages": messages, "options": dict(OLLAMA_OPTIONS)}
-    return {"model": model, "messages": messages, "temperature": 0,
-            "seed": OLLAMA_OPTIONS["seed"]}
+        body = {"model": model, "messages": messages, "options": dict(OLLAMA_OPTIONS)}
+    else:
+        body = {"model": model, "messages": messages, "temperature": 0,
+                "seed": OLLAMA_OPTIONS["seed"]}
+    if structured:
+        body.update(structured_fields(api, logprobs))
+    elif logprobs:
+        body.update(logprobs=True, top_logprobs=structured_fields(api, True)["top_logprobs"])
+    return body
+
+
+@dataclass
+class Answer:
+    text: str
+    logprobs: list = field(default_factory=list)    # [{"token", "logprob", "top_logprobs"}]
 
 
 def query(prompt: str, model: str = "llama3", url: str | None = None, api: str = "ollama", *,
           timeout: float = 120.0, api_key: str | None = None) -> str:
-    """The judge's whole answer to one prompt (one attempt). Raises `JudgeError` for answers
-    that will not improve by asking again, `OSError` for those that might."""
+    """The judge's whole answer to one prompt (one attempt), as the book asks. Raises
+    `JudgeError` for answers that will not improve by asking again, `OSError` for those that
+    might."""
+    return query_answer(prompt, model, url, api, timeout=timeout, api_key=api_key).text
+
+
+def query_answer(prompt: str, model: str = "llama3", url: str | None = None,
+                 api: str = "ollama", *, timeout: float = 120.0, api_key: str | None = None,
+                 structured: bool = False, logprobs: bool = False) -> Answer:
+    """`query` with the schema and log-probs options: the answer and its log-probs."""
     target = endpoint(url, api)
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    data = json.dumps(request_body(prompt, model, api)).encode("utf-8")
+    data = json.dumps(request_body(prompt, model, api, structured, logprobs)).encode("utf-8")
     req = urllib.request.Request(target, data=data, headers=headers, method="POST")
     direct = urllib.parse.urlsplit(target).hostname in LOOPBACK
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}) if direct else
@@ -111,12 +146,22 @@ def query(prompt: str, model: str = "llama3", url: str | None = None, api: str =
         detail = _error_text(e)
         if e.code >= 500 or e.code == 429:
             raise OSError(f"{target} answered HTTP {e.code}: {detail}") from None
+        if structured and e.code in (400, 422) and _names_schema(detail):
+            raise SchemaRefused(f"{target} refused the score's JSON schema: {detail}") from None
         raise JudgeError(_refusal(e.code, detail, target, model, api)) from None
 
 
-def _read_ndjson(response, target: str) -> str:
+class SchemaRefused(JudgeError):
+    """The server does not take a JSON schema (or log-probs): ask in free text instead."""
+
+
+def _names_schema(detail: str) -> bool:
+    return any(w in detail.lower() for w in ("response_format", "format", "schema", "logprob"))
+
+
+def _read_ndjson(response, target: str) -> Answer:
     """Ollama's stream: one JSON object per line, each with a piece of the answer."""
-    answer = []
+    answer, logprobs = [], []
     for line in response:
         if not line.strip():
             continue
@@ -130,18 +175,23 @@ def _read_ndjson(response, target: str) -> str:
             raise JudgeError(f"{target}: {part['error']}")
         content = (part.get("message") or {}).get("content", "")
         answer.append(content if isinstance(content, str) else "")
+        if isinstance(part.get("logprobs"), list):
+            logprobs += part["logprobs"]
         if part.get("done"):
             break
-    return "".join(answer)
+    return Answer("".join(answer), logprobs)
 
 
-def _read_completion(body: bytes, target: str) -> str:
+def _read_completion(body: bytes, target: str) -> Answer:
     try:
-        content = json.loads(body)["choices"][0]["message"]["content"]
+        choice = json.loads(body)["choices"][0]
+        content = choice["message"]["content"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
         raise JudgeError(f"{target} did not answer with an OpenAI chat completion "
                          f"(choices[0].message.content): {body[:80]!r}") from None
-    return content if isinstance(content, str) else ""
+    logprobs = (choice.get("logprobs") or {}).get("content") if isinstance(choice, dict) else None
+    return Answer(content if isinstance(content, str) else "",
+                  logprobs if isinstance(logprobs, list) else [])
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:
@@ -179,12 +229,14 @@ def _down(target: str, api: str, model: str, reason: object) -> str:
 def query_with_retries(prompt: str, model: str = "llama3", url: str | None = None,
                        api: str = "ollama", *, timeout: float = 120.0, retries: int = 3,
                        backoff: float = 1.0, api_key: str | None = None,
-                       sleep: Callable[[float], None] = time.sleep) -> str:
-    """`query`, tried again after backoff, 2 x backoff, 4 x backoff, ... seconds when the
-    connection fails, times out or the server answers 5xx; then a `JudgeError`."""
+                       sleep: Callable[[float], None] = time.sleep, structured: bool = False,
+                       logprobs: bool = False) -> Answer:
+    """`query_answer`, tried again after backoff, 2 x backoff, 4 x backoff, ... seconds when
+    the connection fails, times out or the server answers 5xx; then a `JudgeError`."""
     for attempt in range(retries + 1):
         try:
-            return query(prompt, model, url, api, timeout=timeout, api_key=api_key)
+            return query_answer(prompt, model, url, api, timeout=timeout, api_key=api_key,
+                                structured=structured, logprobs=logprobs)
         except JudgeError:
             raise
         # HTTPException: a server that closes mid-answer or sends a garbled status line
@@ -202,9 +254,14 @@ def score_responses(entries: Sequence[dict], model: str = "llama3", url: str | N
                     backoff: float = 1.0, api_key: str | None = None,
                     progress: Callable[[int, int], None] | None = None,
                     log: Callable[[str], None] | None = None,
-                    sleep: Callable[[float], None] = time.sleep) -> Scores:
+                    sleep: Callable[[float], None] = time.sleep, structured: bool = True,
+                    scoring: str = "integer") -> Scores:
     """Ask the judge for every entry's score. `progress(done, total)` after each entry;
-    `log(line)` for each answer that is not an integer."""
+    `log(line)` for each answer that is not an integer, and once if the judge refuses the
+    schema. `structured=False` asks as the book does; `scoring="expected"` also reads each
+    score's top log-probabilities into `Scores.expected`."""
+    if scoring not in ("integer", "expected"):
+        raise ValueError(f"scoring must be integer or expected, got {scoring!r}")
     for k, entry in enumerate(entries):           # every entry checked before the first query
         if not isinstance(entry, dict):
             raise ValueError(f"entry {k} is not a JSON object")
@@ -212,20 +269,32 @@ def score_responses(entries: Sequence[dict], model: str = "llama3", url: str | N
             if not isinstance(entry.get(key), str):
                 raise ValueError(f"entry {k} has no {key!r} text")
     endpoint(url, api)                            # a bad URL fails before any work
-    result = Scores(total=len(entries))
+    result = Scores(total=len(entries), structured=structured)
     for k, entry in enumerate(entries):
         if not entry[response_key].strip():
             result.scores.append(0)
         else:
-            answer = query_with_retries(judge_prompt(entry, response_key, template), model, url,
-                                        api, timeout=timeout, retries=retries, backoff=backoff,
-                                        api_key=api_key, sleep=sleep)
+            ask = dict(timeout=timeout, retries=retries, backoff=backoff, api_key=api_key,
+                       sleep=sleep, logprobs=scoring == "expected")
+            prompt = judge_prompt(entry, response_key, template)
             try:
-                result.scores.append(int(answer))
-            except ValueError:
-                result.unparsed.append((k, answer))
+                answer = query_with_retries(prompt, model, url, api,
+                                            structured=result.structured, **ask)
+            except SchemaRefused as e:
                 if log is not None:
-                    log(f"Could not convert score: {answer!r} (entry {k})")
+                    log(f"{e}; asking in free text, as the book does")
+                result.structured = False
+                answer = query_with_retries(prompt, model, url, api, structured=False, **ask)
+            score = parse_score(answer.text)
+            if score is None:
+                result.unparsed.append((k, answer.text))
+                if log is not None:
+                    log(f"Could not convert score: {answer.text!r} (entry {k})")
+            else:
+                result.scores.append(score)
+                expected = expected_score(answer.logprobs) if answer.logprobs else None
+                if expected is not None:
+                    result.expected.append(expected)
         if progress is not None:
             progress(k + 1, len(entries))
     return result

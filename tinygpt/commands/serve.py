@@ -109,6 +109,13 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--retries", type=int, default=3, help="tries again after a failure (default 3)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before the first retry, doubling after each (default 1)")
+    p.add_argument("--scoring", choices=("integer", "expected"), default="integer",
+                   help="integer: the judge's score (default); expected: also the score's "
+                   "expected value from its top log-probabilities")
+    p.add_argument("--free-text", action="store_true",
+                   help="ask as the book does, without the score's JSON schema (by default "
+                   "the score is asked for as {\"score\": 0-100}, and a judge that refuses "
+                   "the schema is asked in free text)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_evaluate)
 
@@ -142,6 +149,7 @@ def run_evaluate(args) -> int:
     from tqdm import tqdm
 
     from tinygpt.judge import JudgeError, score_responses
+    from tinygpt.scoring import format_histogram
     _check_float("--timeout", args.timeout, 0.0, open_low=True)
     _check_float("--backoff", args.backoff, 0.0)
     _check_int("--retries", args.retries, 0)
@@ -153,7 +161,9 @@ def run_evaluate(args) -> int:
             response_key=args.response_key, template=args.template, timeout=args.timeout,
             retries=args.retries, backoff=args.backoff,
             api_key=os.environ.get("OPENAI_API_KEY") if args.api == "openai" else None,
-            progress=lambda done, total: bar.update(done - bar.n))
+            progress=lambda done, total: bar.update(done - bar.n),
+            log=lambda line: bar.write(line, file=sys.stderr) if "free text" in line else None,
+            structured=not args.free_text, scoring=args.scoring)
     except JudgeError as e:
         raise ValueError(str(e)) from None
     finally:
@@ -162,11 +172,21 @@ def run_evaluate(args) -> int:
         print(f"{len(result.unparsed)} answers were not an integer, left out of the average:")
         for k, answer in result.unparsed:
             print(f"  entry {k}: {answer[:200]!r}")
-    print(f"Number of scores: {len(result.scores)} of {result.total}")
+    how = "JSON schema" if result.structured else "free text, as the book"
+    print(f"Number of scores: {len(result.scores)} of {result.total} (asked in {how})")
     if result.average is None:
         print("Average score: none (no answer was an integer)")
-    else:
-        print(f"Average score: {result.average:.2f}")
+        return 0
+    print(f"Average score: {result.average:.2f}")
+    if args.scoring == "expected":
+        if result.expected_average is None:
+            print("Expected score: none (the judge sent no log-probabilities)")
+        else:
+            print(f"Expected score: {result.expected_average:.2f} (from the top "
+                  f"log-probabilities of {len(result.expected)} scores)")
+    print("Histogram of scores:")
+    for line in format_histogram(result.scores):
+        print(line)
     return 0
 
 
