@@ -1,12 +1,12 @@
 """Benchmarks behind `tinygpt bench NAME` / `python -m tinygpt.bench NAME`: figures printed, never asserted.
 
 One module per benchmark (`kernels.py`, `tokenizer.py`, `train.py`, `generate.py`,
-`distributed.py`), each with a `main(argv)` that parses its own flags and prints its figures.
+`distributed.py`, `constrain.py`), each with a `main(argv)` that parses its own flags and prints its figures.
 """
 import importlib
 import sys
 
-NAMES = ("kernels", "tokenizer", "train", "generate", "distributed")
+NAMES = ("kernels", "tokenizer", "train", "generate", "distributed", "constrain")
 
 
 def main(argv: list[str] | None = None) -> int:

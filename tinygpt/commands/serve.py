@@ -252,8 +252,11 @@ def run_chat(args, stdin=None, stdout=None) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server for a "
                        "model", description="Serve one model over HTTP the way OpenAI's API "
-                       "does (/v1/chat/completions, streaming or not, and /v1/models), one "
-                       "generation at a time, on 127.0.0.1 unless --host says otherwise. "
+                       "does (/v1/chat/completions, streaming or not, and /v1/models) and "
+                       "the way Ollama's does (/api/chat, /api/generate, /api/tags, /api/show; "
+                       "--port 11434 for code written for Ollama), with JSON-schema output "
+                       "(response_format, format) and logprobs; one generation at a time, on "
+                       "127.0.0.1 unless --host says otherwise. "
                        "Ctrl-C stops.")
     p.add_argument("--model", required=True, help=".gguf file, Llama hub folder, GPT-2 name, "
                    "training run or model folder")
@@ -305,7 +308,8 @@ def run_serve(args, ready=None) -> int:
                              log, limits)
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    print(f"serving {name} ({template}) on {server.url} (POST /chat/completions, GET /models); "
+    print(f"serving {name} ({template}) on {server.url} (POST /chat/completions, GET /models; "
+          f"Ollama's POST /api/chat and /api/generate); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     if ready is not None:
         ready(server)
