@@ -68,7 +68,7 @@ def tiny_gpt(block_size: int = 64) -> GPT:
     return GPT(cfg, seed=0).eval()
 
 
-def save_tiny_gpt(directory) -> str:
+def save_tiny_gpt(directory, block_size: int = 64) -> str:
     from tinygpt.weights import save_pretrained
-    save_pretrained(tiny_gpt(), directory, tokenizer=GPT2Tokenizer())
+    save_pretrained(tiny_gpt(block_size), directory, tokenizer=GPT2Tokenizer())
     return str(directory)

@@ -16,6 +16,7 @@ import pytest
 
 from tests.chat_fakes import ScriptedModel, save_tiny_gpt, says, tiny_gpt
 from tinygpt.cli import main
+from tinygpt.http_server import GenerationQueue, QueueFull
 from tinygpt.serve import make_server
 from tinygpt.tokenizer import GPT2Tokenizer
 
@@ -186,6 +187,36 @@ def test_a_second_request_waits_for_the_first(serve):
         assert text == "a b c d e"
 
 
+def test_the_generation_queue_is_bounded_and_a_leaver_gives_up_its_place():
+    queue, order = GenerationQueue(max_waiting=1), []
+    gone = threading.Event()
+
+    def wait(name, leaves=False):
+        try:
+            with queue.turn(gone=gone.is_set if leaves else (lambda: False)):
+                order.append(name)
+        except ConnectionAbortedError:
+            order.append(name + " left")
+
+    with queue.turn():
+        waiter = threading.Thread(target=wait, args=("B", True))
+        waiter.start()
+        for _ in range(1000):
+            if queue.waiting == 1:
+                break
+            waiter.join(timeout=0.01)
+        with pytest.raises(QueueFull) as full:           # one waits already: the line is full
+            with queue.turn():
+                pass
+        assert full.value.status == 503 and full.value.retry_after >= 1
+        gone.set()                                        # B's client leaves while it waits
+        waiter.join(timeout=10)
+        assert order == ["B left"] and queue.waiting == 0
+    with queue.turn():                                    # free again
+        order.append("C")
+    assert order == ["B left", "C"] and not queue.busy()
+
+
 def test_client_leaving_mid_stream_frees_the_server(serve):
     port = serve(ScriptedModel(says("word " * 30), block_size=256, delay=0.01))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -264,6 +295,13 @@ def test_serve_command_bad_flags_and_busy_port(tmp_path, capsys):
     model_dir = save_tiny_gpt(tmp_path / "tiny")
     assert main(["serve", "--model", model_dir, "--port", "70000"]) == 2
     assert "--port must be >= 0 and <= 65535" in capsys.readouterr().err
+    for flag, value in (("--request-timeout", "nan"), ("--request-timeout", "0"),
+                        ("--request-timeout", "-1"), ("--max-connections", "0"),
+                        ("--max-queue", "-1"), ("--max-body", "10"), ("--max-prompt-bytes", "0"),
+                        ("--max-messages", "-5")):
+        assert main(["serve", "--model", model_dir, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1, err
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

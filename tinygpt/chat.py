@@ -1,10 +1,11 @@
 """Chat: a conversation rendered in the model's template, its reply streamed token by token.
 
-Owns `render` (a list of `{"role", "content"}` messages as one prompt text), `complete` (one
-reply: the prompt cut to fit the context, sampling until an end token, a stop string or
-`max_new_tokens`) and `ChatSession` (the history a terminal chat keeps). The templates' text is
-`finetune/templates.py`'s, sampling and the KV cache are `generate.py`'s; the HTTP server that
-answers with `complete` is `serve.py`, and the terminal loop is in `commands/serve.py`.
+Owns `render` (a list of `{"role", "content"}` messages as one prompt text) and `encode_chat`
+(its ids), `complete` (one reply: `prepare` cuts the prompt to fit the context, `reply` samples
+until an end token, a stop string, `max_new_tokens` or `cancelled()`) and `ChatSession` (the
+history a terminal chat keeps). The templates' text is `finetune/templates.py`'s, sampling and
+the KV cache are `generate.py`'s; the HTTP server that answers with `prepare` and `reply` is
+`serve.py`, and the terminal loop is in `commands/serve.py`.
 
     tinygpt chat --model ../shared/fixtures/smollm2-135m-instruct/model.gguf
 
@@ -169,7 +170,7 @@ def fit_prompt(tokenizer, messages: Sequence[dict], template: str, budget: int |
             start = k
     if start is None:                        # even the last message alone is too long
         ids = head + (kept[0] if kept else _message_ids(tokenizer, frames, rest[-1])) + tail
-        return ids[-budget:], len(rest) - 1
+        return ids[max(0, len(ids) - budget):], len(rest) - 1
     body = [i for ids in reversed(kept[:len(rest) - start]) for i in ids]
     return head + body + tail, start
 

@@ -10,12 +10,14 @@ told 503 and when to come back). `serve.py` adds the routes and the model.
 What a client can count on, each tested in tests/test_serve_limits.py against a real process:
 - the request line, headers and body must all arrive within `request_timeout` seconds of the
   server starting to wait for them (a keep-alive connection idle that long is closed), else 408;
-- anything that is not `METHOD PATH HTTP/1.x` with at most `max_body` bytes of Content-Length
-  body is answered with a 4xx JSON error naming what was wrong, and the server keeps serving;
+- anything that is not `METHOD PATH HTTP/1.x`, headers of at most MAX_HEAD bytes and at most
+  `max_body` bytes of Content-Length body is answered with a 4xx JSON error naming what was
+  wrong (the request line, a header, the body, a field), and the server keeps serving;
 - a client that leaves is noticed between tokens (`client_gone`) and its generation stops.
 """
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import math
@@ -30,7 +32,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 
+from tinygpt.validate import check_number
+
 MAX_LINE = 8192                   # bytes of request line; longer is 414
+MAX_HEAD = 65536                  # bytes of all headers together; more is 431
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
@@ -46,16 +51,13 @@ class Limits:
 
     def check(self) -> None:
         """A ValueError naming the flag of the first limit out of range."""
-        t = self.request_timeout
-        if not (math.isfinite(t) and 0 < t <= 3600):
-            raise ValueError(f"--request-timeout must be a number of seconds in (0, 3600], got {t}")
+        check_number("--request-timeout", self.request_timeout, 0, 3600, lo_open=True)
         for flag, value, lo in (("--max-connections", self.max_connections, 1),
                                 ("--max-queue", self.max_queue, 0),
                                 ("--max-body", self.max_body, 64),
                                 ("--max-prompt-bytes", self.max_prompt_bytes, 1),
                                 ("--max-messages", self.max_messages, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= 1 << 40:
-                raise ValueError(f"{flag} must be an integer >= {lo}, got {value}")
+            check_number(flag, value, lo)
 
 
 class RequestError(ValueError):
@@ -82,6 +84,7 @@ class BoundedServer(ThreadingHTTPServer):
     (closing at once could reset the connection before the client reads the answer)."""
 
     daemon_threads = True         # a client that hangs does not keep the process alive
+    request_queue_size = 1024     # connections the kernel holds before accept (socketserver: 5)
 
     def __init__(self, address: tuple[str, int], handler, limits: Limits,
                  log: Callable[[str], None] | None = None):
@@ -132,12 +135,14 @@ class BoundedServer(ThreadingHTTPServer):
     def _close_refused(self, everything: bool = False) -> None:
         now, keep = time.monotonic(), []
         for until, s in self._refused:
+            done = False
             try:
-                while s.recv(65536):              # whatever the client sent, unread, is dropped
-                    pass
-                done = True                       # b"": the client closed its side
+                for _ in range(16):               # whatever the client sent, unread, is dropped
+                    if not s.recv(65536):
+                        done = True               # b"": the client closed its side
+                        break
             except BlockingIOError:
-                done = False
+                pass
             except OSError:
                 done = True
             if done or everything or now >= until:
@@ -177,6 +182,21 @@ class _DeadlineReader(io.RawIOBase):
         return n
 
 
+class _HeadLimit:
+    """The connection as http.client's header parser reads it, line by line, with MAX_HEAD
+    bytes in all (it allows 100 lines of 64 KB each)."""
+
+    def __init__(self, rfile):
+        self.rfile, self.left = rfile, MAX_HEAD
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.rfile.readline(min(limit if limit >= 0 else MAX_HEAD, self.left) + 1)
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong(f"headers of more than {MAX_HEAD} bytes")
+        return line
+
+
 class JSONHandler(BaseHTTPRequestHandler):
     """Reads one request at a time under `server.limits`: the request line, headers and body
     within `request_timeout`, every error answered as JSON with a status line (an HTTP/0.9 line,
@@ -193,12 +213,15 @@ class JSONHandler(BaseHTTPRequestHandler):
         self.deadline, self.got_bytes, self.answered = time.monotonic(), False, False
 
     def log_message(self, format: str, *args) -> None:
-        self.server.log(f"{self.address_string()} {format % args}")
+        text = "".join(c if c.isprintable() else "?" for c in format % args)   # no escapes
+        self.server.log(f"{self.address_string()} {text}")
 
     def handle_one_request(self) -> None:
         limits = self.server.limits
         self.deadline = time.monotonic() + limits.request_timeout
         self.got_bytes = self.answered = False
+        self.command, self.requestline = None, ""
+        self.request_version = self.default_request_version
         try:
             if self._read_head():
                 self.connection.settimeout(limits.request_timeout)   # for writing the answer
@@ -210,7 +233,7 @@ class JSONHandler(BaseHTTPRequestHandler):
                 self._try_error(RequestError(
                     f"the request did not arrive within {limits.request_timeout:g} s "
                     "(--request-timeout)", status=408, code="request_timeout"))
-        except (ConnectionError, BrokenPipeError):
+        except ConnectionError:                   # reset, broken pipe, left while waiting
             self.close_connection = True
         except Exception:
             self.close_connection = True
@@ -222,7 +245,7 @@ class JSONHandler(BaseHTTPRequestHandler):
         """The request line and headers; False once an error has been answered or the client
         closed before sending anything."""
         line = self.rfile.readline(MAX_LINE + 1)
-        self.raw_requestline, self.command, self.requestline = line, None, ""
+        self.raw_requestline, self.got_bytes = line, bool(line)    # (a pipelined one was read)
         if not line:
             self.close_connection = True
             return False
@@ -235,10 +258,16 @@ class JSONHandler(BaseHTTPRequestHandler):
             self.send_error(400, f"bad request line {self.requestline[:80]!r}: expected "
                             "'METHOD /path HTTP/1.1'")
             return False
-        if not self.parse_request():              # version, headers; errors come as JSON
-            return False
+        body, self.rfile = self.rfile, _HeadLimit(self.rfile)
+        try:
+            if not self.parse_request():          # version, headers; errors come as JSON
+                return False
+        finally:
+            self.rfile = body
         if not hasattr(self, "do_" + self.command):
-            self.send_error(501, f"method {self.command[:20]!r} is not supported")
+            self.close_connection = True
+            self.send_json_error(RequestError(f"method {self.command[:20]!r} is not supported",
+                                              "method", status=501))
             return False
         return True
 
@@ -256,7 +285,8 @@ class JSONHandler(BaseHTTPRequestHandler):
         limit = self.server.limits.max_body
         if self.headers.get("Transfer-Encoding") is not None:
             self.close_connection = True
-            raise RequestError("Transfer-Encoding bodies are not supported; send Content-Length",
+            raise RequestError("Transfer-Encoding (chunked) bodies are not supported; send "
+                               "Content-Length",
                                "Transfer-Encoding", status=411)
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
@@ -325,6 +355,7 @@ class JSONHandler(BaseHTTPRequestHandler):
 
     def _try_error(self, e: RequestError) -> None:
         try:
+            self.connection.settimeout(self.server.limits.request_timeout)
             self.send_json_error(e)
             self.wfile.flush()
         except OSError:
@@ -350,7 +381,10 @@ class GenerationQueue:
         return self._lock.locked()
 
     @contextmanager
-    def turn(self, gone: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    def turn(self, gone: Callable[[], bool] = lambda: False,
+             on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Hold the lock for the `with` body; `on_wait()` is called if this request has to
+        join the line."""
         with self._line:
             got = self._lock.acquire(blocking=False)
             if not got:
@@ -362,6 +396,7 @@ class GenerationQueue:
                                     retry_after=max(1, min(wait, 3600)))
                 self.waiting += 1
         if not got:
+            on_wait()
             try:
                 while not self._lock.acquire(timeout=0.1):
                     if gone():

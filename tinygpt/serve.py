@@ -3,7 +3,7 @@
 Owns the wire format: `POST /v1/chat/completions` (one JSON answer, or server-sent events with
 `"stream": true`), `GET /v1/models` and `GET /v1/models/{id}`, and the JSON errors OpenAI
 clients expect (`{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status). The
-reply itself is `chat.complete`'s: the model's template, the context fitted, sampling.
+reply itself is `chat.prepare`'s and `chat.reply`'s: the template, the context fitted, sampling.
 
     tinygpt serve --model ../shared/fixtures/smollm2-135m-instruct/model.gguf --port 8000
     curl -s 127.0.0.1:8000/v1/chat/completions \
@@ -248,17 +248,23 @@ class _Handler(JSONHandler):
 
     do_DELETE = do_PATCH = do_PUT
 
-    def _generate(self, answer, *args) -> None:
-        """Run `answer(*args)` when it is this request's turn with the model; a 503 with
-        Retry-After when the line is full."""
-        queue = self.server.queue
-        if queue.busy():
+    def _generate(self, answer: Callable, prompt: Prompt, *args) -> None:
+        """Run `answer(prompt, *args)` when it is this request's turn with the model; a 503
+        with Retry-After when the line is full."""
+        def waiting() -> None:
             self.log_message("waiting: another request is generating")
+
         try:
-            with queue.turn(gone=self.client_gone):
-                answer(*args)
+            with self.server.queue.turn(gone=self.client_gone, on_wait=waiting):
+                self.log_message(f"generating up to {prompt.max_new_tokens} tokens after "
+                                 f"{len(prompt.ids)} prompt tokens ({prompt.dropped} messages "
+                                 "dropped)")
+                answer(prompt, *args)
         except RequestError as e:                # QueueFull
             self.send_json_error(e)
+        except ConnectionAbortedError:
+            self.close_connection = True
+            self.log_message("client left while waiting")
 
     def _model_card(self) -> dict:
         return {"id": self.server.model_name, "object": "model", "created": self.server.created,
