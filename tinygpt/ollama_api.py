@@ -19,6 +19,7 @@ shrink the model's context; `raw`, `images`, `tools` and `suffix` are refused.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -189,7 +190,8 @@ def _run(handler, body: dict, messages: list[dict], shape) -> None:
     zero, context = args.pop("zero"), args.pop("context")
     prompt = prepare(s.tokenizer, messages, s.template, context or s.model.config.block_size,
                      args.pop("max_new_tokens"))
-    handler._generate(_answer, handler, prompt, args, extras, stream, zero, shape)
+    handler._generate(functools.partial(_answer, handler), prompt, args, extras, stream, zero,
+                      shape)
 
 
 def _answer(handler, prompt, args: dict, extras, stream: bool, zero: bool, shape) -> None:
