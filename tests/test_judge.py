@@ -1,6 +1,10 @@
 """The judge against fake servers on 127.0.0.1: both wire formats, a slow one, one that answers
 prose, one that is down, one without the model; and the `evaluate` command."""
 import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -8,6 +12,43 @@ from tests.judge_fakes import ENTRIES, fake_judges, free_port, ollama_says, open
 from tinygpt.apps.judge import (JudgeError, endpoint, judge_prompt, query_with_retries,
                                 score_responses)
 from tinygpt.commands.cli import main
+from tinygpt.apps.scoring import SCORE_SCHEMA, expected_score, histogram, parse_score
+
+
+class FakeJudge:
+    """A judge on 127.0.0.1 whose answers come from `answer(body) -> (status, lines)`; records
+    each request's path and JSON body."""
+
+    def __init__(self, answer, delay: float = 0.0):
+        self.requests, self.answer, self.delay = [], answer, delay
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, body))
+                time.sleep(fake.delay)
+                status, lines = fake.answer(body)
+                data = "".join(lines).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:                 # the client timed out and left
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 @pytest.fixture
@@ -49,13 +90,80 @@ def test_endpoint_paths():
 
 def test_ollama_streams_ndjson_with_the_books_options(judge):
     fake = judge(lambda body: ollama_says("8", "5"))
-    result = score_responses(ENTRIES, url=fake.url)
+    result = score_responses(ENTRIES, url=fake.url, structured=False)
     assert result.scores == [85, 85] and result.unparsed == [] and result.total == 2
     assert result.average == 85
     path, body = fake.requests[0]
     assert path == "/api/chat"
     assert body == {"model": "llama3", "options": {"seed": 123, "temperature": 0, "num_ctx": 2048},
                     "messages": [{"role": "user", "content": judge_prompt(ENTRIES[0])}]}
+
+
+def test_by_default_the_score_is_asked_for_under_a_schema(judge):
+    fake = judge(lambda body: ollama_says('{"score": ', '7', '0}'))
+    result = score_responses(ENTRIES, url=fake.url)
+    assert result.scores == [70, 70] and result.structured
+    body = fake.requests[0][1]
+    assert body["format"] == SCORE_SCHEMA and body["options"]["seed"] == 123
+    fake = judge(lambda body: openai_says('{"score": 101}'))           # out of range: not a score
+    result = score_responses(ENTRIES[:1], url=fake.url, api="openai")
+    assert result.scores == [] and result.unparsed == [(0, '{"score": 101}')]
+    assert fake.requests[0][1]["response_format"]["json_schema"]["schema"] == SCORE_SCHEMA
+
+
+def test_a_judge_that_refuses_the_schema_is_asked_as_the_book_does(judge):
+    def answer(body):
+        if "response_format" in body:
+            return 400, [json.dumps({"error": {"message": "response_format is not supported"}})]
+        return openai_says("64")
+    fake = judge(answer)
+    logged = []
+    result = score_responses(ENTRIES, url=fake.url, api="openai", log=logged.append)
+    assert result.scores == [64, 64] and not result.structured
+    assert ["response_format" in b for _, b in fake.requests] == [True, False, False]
+    assert len(logged) == 1 and "free text" in logged[0]
+
+
+def test_expected_score_from_the_top_logprobs(judge):
+    def token(t, lp, tops):
+        return {"token": t, "logprob": lp, "top_logprobs": [{"token": a, "logprob": b}
+                                                            for a, b in tops]}
+    ln = math.log
+    tokens = [token('{"score": ', 0.0, [('{"score": ', 0.0)]),
+              token("8", ln(0.5), [("8", ln(0.5)), ("9", ln(0.25)), ("1", ln(0.25))]),
+              token("5", ln(0.9), [("5", ln(0.9))]), token("}", 0.0, [("}", 0.0)])]
+
+    def answer(body):
+        assert body["logprobs"] is True and body["top_logprobs"] == 20
+        return 200, [json.dumps({"choices": [{"message": {"content": '{"score": 85}'},
+                                              "logprobs": {"content": tokens}}]})]
+    fake = judge(answer)
+    result = score_responses(ENTRIES[:1], url=fake.url, api="openai", scoring="expected")
+    assert result.scores == [85]
+    assert result.expected == [pytest.approx(0.5 * 85 + 0.25 * 95 + 0.25 * 15)]
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    ([("Score: ", []), ("85", [("85", 0.5), ("90", 0.25), ("hello", 0.25)])], (85 + 45) / 1.5 / 1.0),
+    ([("1", [("1", 0.5), ("0", 0.5)]), ("00", [("00", 1.0)])], 50.0),      # "0" is 0, 100 kept
+    ([("2", [("2", 1.0)])], 2.0),
+    ([("none", [("none", 1.0)])], None),
+])
+def test_expected_score_completes_each_alternative_with_the_later_digits(tokens, expected):
+    entries = [{"token": t, "logprob": 0.0,
+                "top_logprobs": [{"token": a, "logprob": math.log(p)} for a, p in tops]}
+               for t, tops in tokens]
+    got = expected_score(entries)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_parse_score_and_histogram():
+    assert [parse_score(a) for a in ("85", " 7\n", '{"score": 100}', '{"score": true}', "101",
+                                      "-1", "8.5", '{"score": "9"}', "{bad")] == \
+        [85, 7, 100, None, None, None, None, None, None]
+    rows = dict(histogram([0, 9, 10, 55, 99, 100, 100]))
+    assert rows["0-9"] == 2 and rows["10-19"] == 1 and rows["90-99"] == 1 and rows["100"] == 2
+    assert sum(rows.values()) == 7 and len(rows) == 11
 
 
 def test_openai_format(judge):

@@ -111,7 +111,7 @@ def test_retry_after_is_honoured_within_the_cap(judge, retry_after, wait):
     fake = judge(lambda body: next(answers))
     waits = []
     assert query_with_retries("p", url=fake.url, api="openai", backoff=1.0,
-                              sleep=waits.append) == "70"
+                              sleep=waits.append).text == "70"
     assert waits == [wait]
 
 
@@ -137,7 +137,7 @@ def test_answers_that_will_not_improve_end_at_once(judge, api, status, lines, ma
 def test_a_stream_cut_before_done_is_asked_again(judge):
     answers = iter([(200, [NOT_DONE.decode()]), ollama_says("64")])
     fake = judge(lambda body: next(answers))
-    assert query_with_retries("p", url=fake.url, sleep=lambda s: None) == "64"
+    assert query_with_retries("p", url=fake.url, sleep=lambda s: None).text == "64"
     assert len(fake.requests) == 2
 
 

@@ -32,9 +32,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tinygpt.inference.generate import TextStream
+from tinygpt.inference.generate import LogitsProcessor, TextStream, stream
 from tinygpt.text.templates import chatml, format_prompt, get_template
-from tinygpt.inference.generate import stream
 
 ROLES = ("system", "user", "assistant")
 
@@ -47,6 +46,7 @@ class Reply:
     prompt_tokens: int        # ids the model was given
     completion_tokens: int    # ids it produced (the end token counts)
     dropped: int = 0          # oldest messages left out so the prompt fits the context
+    tokens: list[int] = field(default_factory=list)   # the ids produced, end token included
 
 
 def check_messages(messages: Sequence[dict]) -> list[dict]:
@@ -178,12 +178,14 @@ def complete(model, tokenizer, messages: Sequence[dict], template: str = "chatml
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
              on_text: Callable[[str], None] | None = None,
-             cancelled: Callable[[], bool] | None = None) -> Reply:
+             cancelled: Callable[[], bool] | None = None,
+             logits_processor: LogitsProcessor | None = None) -> Reply:
     """The model's reply to `messages`, streamed to `on_text(piece)` as it is decoded:
     `prepare` then `reply`."""
     prompt = prepare(tokenizer, messages, template, model.config.block_size, max_new_tokens)
     return reply(model, tokenizer, prompt, template, temperature=temperature, top_k=top_k,
-                 top_p=top_p, seed=seed, stop=stop, on_text=on_text, cancelled=cancelled)
+                 top_p=top_p, seed=seed, stop=stop, on_text=on_text, cancelled=cancelled,
+                 logits_processor=logits_processor)
 
 
 @dataclass
@@ -207,13 +209,15 @@ def reply(model, tokenizer, prompt: Prompt, template: str = "chatml", *,
           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
           seed: int | None = None, stop: Sequence[str] = (),
           on_text: Callable[[str], None] | None = None,
-          cancelled: Callable[[], bool] | None = None) -> Reply:
+          cancelled: Callable[[], bool] | None = None,
+          logits_processor: LogitsProcessor | None = None) -> Reply:
     """Sample a reply to a prepared prompt.
 
     Stops at an end token (not part of the text), at the first of the `stop` strings (cut
     there), after `prompt.max_new_tokens`, or when `cancelled()` turns true (checked after
     each token: a server's client has left; finish_reason "cancelled"). A piece is passed on
     only when it ends on a whole character and cannot be the start of a stop string.
+    `logits_processor` is `generate.stream`'s (a JSON-schema constraint, a log-prob recorder).
     """
     ids = prompt.ids
     end_ids, end_texts = stop_tokens(tokenizer, template)
@@ -225,10 +229,12 @@ def reply(model, tokenizer, prompt: Prompt, template: str = "chatml", *,
 
     n, finish, stopped = 0, "length", False
     tokens = stream(model, np.array([ids]), prompt.max_new_tokens, temperature, top_k, top_p,
-                    seed=seed)
+                    seed=seed, logits_processor=logits_processor)
+    produced = []
     try:
         for token in tokens:
             n += 1
+            produced.append(int(token[0]))
             if int(token[0]) in end_ids:
                 finish = "stop"
                 break
@@ -246,7 +252,7 @@ def reply(model, tokenizer, prompt: Prompt, template: str = "chatml", *,
         emit(piece + stops.flush())
     if stopped:
         finish = "stop"
-    return Reply(stops.text, finish, len(ids), n, prompt.dropped)
+    return Reply(stops.text, finish, len(ids), n, prompt.dropped, produced)
 
 
 class _StopText:

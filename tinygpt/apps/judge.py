@@ -29,6 +29,9 @@ seconds before the run ends with one line saying what failed. Other refusals end
 The book parses an answer with `int()`. Here only an integer from 0 to 100 (white space around
 it allowed) is a score (`parse_score`); anything else (prose, 150, -5, "1_0", which int() reads
 as 10) is counted and listed, never averaged. An empty response scores 0 without asking.
+The score is asked for as `{"score": N}` under a JSON schema (`scoring.py`), which `tinygpt
+serve` decodes inside; a server that refuses the schema is asked in the book's free text from then
+on. `scoring="expected"` also reads the score's top log-probabilities (an expected score).
 """
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ import email.utils
 import http.client
 import json
 import math
-import re
 import socket
 import threading
 import time
@@ -47,6 +49,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from tinygpt.apps.scoring import expected_score, parse_score, structured_fields
 from tinygpt.core.validate import check_number
 from tinygpt.text.templates import format_input
 
@@ -64,7 +67,6 @@ MAX_TIMEOUT = 3600.0          # seconds for one answer
 MAX_RETRIES = 10              # tries after the first
 MAX_WAIT = 60.0               # seconds of any one wait between tries (backoff or Retry-After)
 MAX_ANSWER_BYTES = 1 << 20    # a score is a few bytes; a long-winded judge's stream ~100 KiB
-SCORE = re.compile(r"[0-9]{1,3}")   # ASCII digits only: \d and int() also take other scripts'
 
 
 class JudgeError(RuntimeError):
@@ -89,6 +91,12 @@ class Scores:
     scores: list[int] = field(default_factory=list)              # parsed scores, in entry order
     unparsed: list[tuple[int, str]] = field(default_factory=list)  # (entry index, answer)
     total: int = 0                                                # entries scored or tried
+    expected: list[float] = field(default_factory=list)   # expected scores, where logprobs came
+    structured: bool = True       # False once the judge refused the schema (book's free text)
+
+    @property
+    def expected_average(self) -> float | None:
+        return sum(self.expected) / len(self.expected) if self.expected else None
 
     @property
     def average(self) -> float | None:
@@ -121,12 +129,27 @@ def endpoint(url: str | None, api: str) -> str:
     return url
 
 
-def request_body(prompt: str, model: str, api: str) -> dict:
+def request_body(prompt: str, model: str, api: str, structured: bool = False,
+                 logprobs: bool = False) -> dict:
+    """The book's request; `structured` adds the score's JSON schema, `logprobs` asks for the
+    tokens' top log-probabilities."""
     messages = [{"role": "user", "content": prompt}]
     if api == "ollama":
-        return {"model": model, "messages": messages, "options": dict(OLLAMA_OPTIONS)}
-    return {"model": model, "messages": messages, "temperature": 0,
-            "seed": OLLAMA_OPTIONS["seed"]}
+        body = {"model": model, "messages": messages, "options": dict(OLLAMA_OPTIONS)}
+    else:
+        body = {"model": model, "messages": messages, "temperature": 0,
+                "seed": OLLAMA_OPTIONS["seed"]}
+    if structured:
+        body.update(structured_fields(api, logprobs))
+    elif logprobs:
+        body.update(logprobs=True, top_logprobs=structured_fields(api, True)["top_logprobs"])
+    return body
+
+
+@dataclass
+class Answer:
+    text: str
+    logprobs: list = field(default_factory=list)    # [{"token", "logprob", "top_logprobs"}]
 
 
 def check_settings(timeout: float, retries: int, backoff: float, prefix: str = "") -> None:
@@ -143,15 +166,22 @@ def check_settings(timeout: float, retries: int, backoff: float, prefix: str = "
 
 def query(prompt: str, model: str = "llama3", url: str | None = None, api: str = "ollama", *,
           timeout: float = 120.0, api_key: str | None = None) -> str:
-    """The judge's whole answer to one prompt: one request, all of it within `timeout` seconds.
-    Raises `JudgeError` for answers that will not improve by asking again, `OSError` (or
-    `http.client.HTTPException`) for those that might."""
+    """The judge's whole answer to one prompt as the book asks: one request, all of it within
+    `timeout` seconds. Raises `JudgeError` for answers that will not improve by asking again,
+    `OSError` (or `http.client.HTTPException`) for those that might."""
+    return query_answer(prompt, model, url, api, timeout=timeout, api_key=api_key).text
+
+
+def query_answer(prompt: str, model: str = "llama3", url: str | None = None,
+                 api: str = "ollama", *, timeout: float = 120.0, api_key: str | None = None,
+                 structured: bool = False, logprobs: bool = False) -> Answer:
+    """`query` with the schema and log-probs options: the answer and its log-probs."""
     target = endpoint(url, api)
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {_header_safe(api_key)}"
-    data = json.dumps(request_body(prompt, model, api)).encode("utf-8")
-    with _post(target, data, headers, timeout, (model, api)) as lines:
+    data = json.dumps(request_body(prompt, model, api, structured, logprobs)).encode("utf-8")
+    with _post(target, data, headers, timeout, (model, api, structured)) as lines:
         if api == "ollama":
             return _read_ndjson(lines, target)
         return _read_completion(b"".join(lines), target)
@@ -163,7 +193,7 @@ def _post(target: str, data: bytes, headers: dict, timeout: float,
     """POST `data` to `target` once and yield the lines of a 2xx answer, each read before the
     deadline `timeout` seconds from now: a timer then shuts the socket down, which ends any
     read at once, and the answer is a time-out however much of it came. `asked` is (model,
-    api), for the messages of a refusal."""
+    api, structured), for the messages of a refusal."""
     conn, path, proxy_headers = _connection(urllib.parse.urlsplit(target), timeout)
     watchdog, response = _Watchdog(timeout), None
     try:
@@ -254,10 +284,10 @@ def _lines(response: http.client.HTTPResponse, target: str) -> Iterator[bytes]:
         yield line
 
 
-def _read_ndjson(lines: Iterator[bytes], target: str) -> str:
+def _read_ndjson(lines: Iterator[bytes], target: str) -> Answer:
     """Ollama's stream: one JSON object per line, each with a piece of the answer, until the
     one with "done": true. A stream that ends before it was cut short (asked again)."""
-    answer = []
+    answer, logprobs = [], []
     for line in lines:
         if not line.strip():
             continue
@@ -272,18 +302,23 @@ def _read_ndjson(lines: Iterator[bytes], target: str) -> str:
         message = part.get("message")
         content = message.get("content", "") if isinstance(message, dict) else ""
         answer.append(content if isinstance(content, str) else "")
+        if isinstance(part.get("logprobs"), list):
+            logprobs += part["logprobs"]
         if part.get("done"):
-            return "".join(answer)
+            return Answer("".join(answer), logprobs)
     raise _Retryable(f"{target} ended its stream before the line with \"done\": true")
 
 
-def _read_completion(body: bytes, target: str) -> str:
+def _read_completion(body: bytes, target: str) -> Answer:
     try:
-        content = json.loads(body)["choices"][0]["message"]["content"]
+        choice = json.loads(body)["choices"][0]
+        content = choice["message"]["content"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
         raise JudgeError(f"{target} did not answer with an OpenAI chat completion "
                          f"(choices[0].message.content): {body[:80]!r}") from None
-    return content if isinstance(content, str) else ""
+    logprobs = (choice.get("logprobs") or {}).get("content") if isinstance(choice, dict) else None
+    return Answer(content if isinstance(content, str) else "",
+                  logprobs if isinstance(logprobs, list) else [])
 
 
 def _header_safe(api_key: str) -> str:
@@ -295,9 +330,14 @@ def _header_safe(api_key: str) -> str:
     return api_key
 
 
+class SchemaRefused(JudgeError):
+    """The server does not take a JSON schema (or log-probs): ask in free text instead."""
+
+
 def _refusal(response: http.client.HTTPResponse, target: str, model: str,
-             api: str) -> Exception:
-    """The exception for a non-2xx answer: `_Retryable` for 429 and 5xx, else `JudgeError`."""
+             api: str, structured: bool = False) -> Exception:
+    """The exception for a non-2xx answer: `_Retryable` for 429 and 5xx, `SchemaRefused` for a
+    4xx that names the schema we sent, else `JudgeError`."""
     code = response.status
     if 300 <= code < 400:
         where = response.getheader("Location") or "no Location"
@@ -308,6 +348,9 @@ def _refusal(response: http.client.HTTPResponse, target: str, model: str,
     if code >= 500 or code == 429:
         return _Retryable(f"{target} answered HTTP {code}: {detail}",
                           _retry_after(response.getheader("Retry-After")))
+    if structured and code in (400, 422) and any(
+            w in detail.lower() for w in ("response_format", "format", "schema", "logprob")):
+        return SchemaRefused(f"{target} refused the score's JSON schema: {detail}")
     if code == 404 and "model" in detail.lower():
         hint = f"; pull it with `ollama pull {model}`" if api == "ollama" else ""
         return JudgeError(f"the judge at {target} has no model {model!r} ({detail}){hint}")
@@ -353,14 +396,16 @@ def _retry_after(value: str | None) -> float | None:
 def query_with_retries(prompt: str, model: str = "llama3", url: str | None = None,
                        api: str = "ollama", *, timeout: float = 120.0, retries: int = 3,
                        backoff: float = 1.0, api_key: str | None = None,
-                       sleep: Callable[[float], None] = time.sleep) -> str:
-    """`query`, tried again after a failed connection, a time-out, HTTP 429 or 5xx, at most
+                       sleep: Callable[[float], None] = time.sleep, structured: bool = False,
+                       logprobs: bool = False) -> Answer:
+    """`query_answer`, tried again after a failed connection, a time-out, HTTP 429 or 5xx, at most
     `retries` times; waits as the module docstring says. Then a `JudgeError`."""
     check_settings(timeout, retries, backoff)
     target = endpoint(url, api)
     for attempt in range(retries + 1):
         try:
-            return query(prompt, model, url, api, timeout=timeout, api_key=api_key)
+            return query_answer(prompt, model, url, api, timeout=timeout, api_key=api_key,
+                                structured=structured, logprobs=logprobs)
         except JudgeError:
             raise
         # HTTPException: a server that closes mid-answer or sends a garbled status line
@@ -398,25 +443,20 @@ def _gave_up(e: Exception, target: str, api: str, model: str, tries: int,
 
 # --- scores -------------------------------------------------------------------------------------
 
-def parse_score(answer: str) -> int | None:
-    """The score in a judge's answer if the answer is an integer from 0 to 100 (white space
-    around it allowed), else None."""
-    text = answer.strip()
-    if not SCORE.fullmatch(text):
-        return None
-    score = int(text)
-    return score if score <= 100 else None
-
-
 def score_responses(entries: Sequence[dict], model: str = "llama3", url: str | None = None,
                     api: str = "ollama", *, response_key: str = RESPONSE_KEY,
                     template: str = "alpaca", timeout: float = 120.0, retries: int = 3,
                     backoff: float = 1.0, api_key: str | None = None,
                     progress: Callable[[int, int], None] | None = None,
                     log: Callable[[str], None] | None = None,
-                    sleep: Callable[[float], None] = time.sleep) -> Scores:
+                    sleep: Callable[[float], None] = time.sleep, structured: bool = True,
+                    scoring: str = "integer") -> Scores:
     """Ask the judge for every entry's score. `progress(done, total)` after each entry;
-    `log(line)` for each answer that is not a score."""
+    `log(line)` for each answer that is not a score, and once if the judge refuses the schema.
+    `structured=False` asks as the book does; `scoring="expected"` also reads each score's top
+    log-probabilities into `Scores.expected`."""
+    if scoring not in ("integer", "expected"):
+        raise ValueError(f"scoring must be integer or expected, got {scoring!r}")
     for k, entry in enumerate(entries):           # every entry checked before the first query
         if not isinstance(entry, dict):
             raise ValueError(f"entry {k} is not a JSON object")
@@ -425,21 +465,32 @@ def score_responses(entries: Sequence[dict], model: str = "llama3", url: str | N
                 raise ValueError(f"entry {k} has no {key!r} text")
     endpoint(url, api)                            # a bad URL or setting fails before any work
     check_settings(timeout, retries, backoff)
-    result = Scores(total=len(entries))
+    result = Scores(total=len(entries), structured=structured)
     for k, entry in enumerate(entries):
         if not entry[response_key].strip():
             result.scores.append(0)
         else:
-            answer = query_with_retries(judge_prompt(entry, response_key, template), model, url,
-                                        api, timeout=timeout, retries=retries, backoff=backoff,
-                                        api_key=api_key, sleep=sleep)
-            score = parse_score(answer)
-            if score is not None:
-                result.scores.append(score)
-            else:
-                result.unparsed.append((k, answer))
+            ask = dict(timeout=timeout, retries=retries, backoff=backoff, api_key=api_key,
+                       sleep=sleep, logprobs=scoring == "expected")
+            prompt = judge_prompt(entry, response_key, template)
+            try:
+                answer = query_with_retries(prompt, model, url, api,
+                                            structured=result.structured, **ask)
+            except SchemaRefused as e:
                 if log is not None:
-                    log(f"Not a score from 0 to 100: {answer[:200]!r} (entry {k})")
+                    log(f"{e}; asking in free text, as the book does")
+                result.structured = False
+                answer = query_with_retries(prompt, model, url, api, structured=False, **ask)
+            score = parse_score(answer.text)
+            if score is None:
+                result.unparsed.append((k, answer.text))
+                if log is not None:
+                    log(f"Not a score from 0 to 100: {answer.text[:200]!r} (entry {k})")
+            else:
+                result.scores.append(score)
+                expected = expected_score(answer.logprobs) if answer.logprobs else None
+                if expected is not None:
+                    result.expected.append(expected)
         if progress is not None:
             progress(k + 1, len(entries))
     return result

@@ -14,6 +14,10 @@ does `tinygpt evaluate --api openai --judge http://127.0.0.1:8000`. Honoured: `t
 (0-2, 0 is greedy), `top_p`, `max_tokens` / `max_completion_tokens`, `seed`, `stop` (a string or
 up to 4), `stream`, `stream_options.include_usage`, and `top_k` (not OpenAI's, llama.cpp's).
 `model` may name anything: there is one model, and answers carry its name. `n` must be 1.
+Structured output and log-probs (`structured.py`): `response_format` (`json_schema`,
+`json_object`) constrains decoding to the schema, and `logprobs` / `top_logprobs` return
+OpenAI's `choices[0].logprobs.content`. Ollama's API (`/api/chat`, `/api/generate`, `/api/tags`,
+`/api/show`) is `ollama_api.py`'s, on the same server.
 
 Limits (`http_server.Limits`, each a `tinygpt serve` flag): connections, request time, body
 and prompt size, messages, and the line of requests waiting while one generates. Requests are
@@ -33,7 +37,10 @@ import uuid
 from typing import Callable
 
 from tinygpt.apps.chat import Prompt, prepare, reply as sample_reply
-from tinygpt.apps.http_server import BoundedServer, GenerationQueue, JSONHandler, Limits, RequestError
+from tinygpt.apps.http_server import (BoundedServer, GenerationQueue, JSONHandler, Limits,
+                                       RequestError)
+from tinygpt.apps.structured import Extras, FieldError, openai_extras
+from tinygpt.inference.logprobs import openai_content
 
 MAX_STOP = 4                      # OpenAI's limit on stop strings
 MAX_STOP_CHARS = 256              # characters per stop string (each is looked for after each token)
@@ -79,7 +86,7 @@ def parse_request(body: object, default_max_tokens: int, limits: Limits | None =
     in the stream) from a chat-completions body; a `RequestError` naming the first bad field."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", "body")
-    messages = _messages(body.get("messages"), limits or Limits())
+    messages = check_messages(body.get("messages"), limits or Limits())
     if body.get("n") not in (None, 1):
         raise RequestError("only n = 1 is supported", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -101,7 +108,9 @@ def parse_request(body: object, default_max_tokens: int, limits: Limits | None =
     return messages, kwargs, bool(stream), bool(options.get("include_usage"))
 
 
-def _messages(messages: object, limits: Limits) -> list[dict]:
+def check_messages(messages: object, limits: Limits) -> list[dict]:
+    """Chat messages as {"role", "content"} dicts within `limits`; a RequestError naming the
+    first bad one (Ollama's /api/chat uses it too)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
     if len(messages) > limits.max_messages:
@@ -185,7 +194,10 @@ class _Handler(JSONHandler):
             self.close_connection = True         # a body we do not read ends the connection
         path = self.path.split("?")[0].rstrip("/")
         name = self.server.model_name
-        if path == "/v1/models":
+        if path.startswith("/api/"):
+            from tinygpt.apps import ollama_api       # here: it builds on this module's checks
+            ollama_api.handle(self, "GET", path)
+        elif path == "/v1/models":
             self.send_json(200, {"object": "list", "data": [self._model_card()]})
         elif path == f"/v1/models/{name}":
             self.send_json(200, self._model_card())
@@ -200,6 +212,10 @@ class _Handler(JSONHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
+        if path.startswith("/api/"):
+            from tinygpt.apps import ollama_api
+            ollama_api.handle(self, "POST", path)
+            return
         if path != "/v1/chat/completions":
             status = 405 if path.startswith("/v1/models") else 404
             self.close_connection = True         # its body, if any, is left unread
@@ -210,8 +226,12 @@ class _Handler(JSONHandler):
         try:
             body = self.read_json()
             messages, kwargs, stream, usage = parse_request(body, s.max_new_tokens, s.limits)
+            extras = openai_extras(body)
             prompt = prepare(s.tokenizer, messages, s.template, s.model.config.block_size,
                              kwargs.pop("max_new_tokens"))
+        except FieldError as e:
+            self.send_json_error(RequestError(str(e), e.param))
+            return
         except RequestError as e:
             self.send_json_error(e)
             return
@@ -219,9 +239,9 @@ class _Handler(JSONHandler):
             self.send_json_error(RequestError(str(e)[:300], "messages"))
             return
         if stream:
-            self._generate(self._stream, prompt, kwargs, usage)
+            self._generate(self._stream, prompt, kwargs, usage, extras)
         else:
-            self._generate(self._answer, prompt, kwargs)
+            self._generate(self._answer, prompt, kwargs, extras)
 
     def do_PUT(self) -> None:
         self.close_connection = True
@@ -251,18 +271,27 @@ class _Handler(JSONHandler):
         return {"id": self.server.model_name, "object": "model", "created": self.server.created,
                 "owned_by": "tinygpt"}
 
-    def _reply(self, prompt: Prompt, kwargs: dict, on_text=None):
+    def _reply(self, prompt: Prompt, kwargs: dict, on_text=None, extras: Extras | None = None):
         s = self.server
+        processor = extras.processor(s.tokenizer, s.template) if extras else None
         reply = sample_reply(s.model, s.tokenizer, prompt, s.template, on_text=on_text,
-                             cancelled=self.client_gone, **kwargs)
+                             cancelled=self.client_gone, logits_processor=processor, **kwargs)
         if reply.finish_reason == "cancelled":
             self.close_connection = True
             self.log_message(f"client left: stopped after {reply.completion_tokens} tokens")
         return reply
 
-    def _answer(self, prompt: Prompt, kwargs: dict) -> None:
+    def _logprobs(self, reply, extras: Extras | None, start: int = 0) -> dict | None:
+        """OpenAI's `logprobs` of a choice (tokens from `start` on), or None if not asked."""
+        if extras is None or not extras.logprobs:
+            return None
+        entries = extras.entries(reply, self.server.tokenizer, self.server.template)
+        return {"content": openai_content(self.server.tokenizer, entries[start:]),
+                "refusal": None}
+
+    def _answer(self, prompt: Prompt, kwargs: dict, extras: Extras | None = None) -> None:
         try:
-            reply = self._reply(prompt, kwargs)
+            reply = self._reply(prompt, kwargs, extras=extras)
         except ValueError as e:             # e.g. an id the model's vocabulary lacks
             self.send_json_error(RequestError(str(e)[:300]))
             return
@@ -274,10 +303,12 @@ class _Handler(JSONHandler):
         self.send_json(200, {
             **self._head("chat.completion"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                         "logprobs": None, "finish_reason": reply.finish_reason}],
+                         "logprobs": self._logprobs(reply, extras),
+                         "finish_reason": reply.finish_reason}],
             "usage": _usage(reply)})
 
-    def _stream(self, prompt: Prompt, kwargs: dict, include_usage: bool) -> None:
+    def _stream(self, prompt: Prompt, kwargs: dict, include_usage: bool,
+                extras: Extras | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -286,16 +317,29 @@ class _Handler(JSONHandler):
         self.close_connection = True
         head = self._head("chat.completion.chunk")
 
-        def event(delta: dict, finish: str | None = None, **extra) -> None:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            self._event({**head, "choices": [choice], **extra})
+        sent = [0]                    # log-prob entries already sent
+
+        def event(delta: dict, finish: str | None = None, logprobs=None) -> None:
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            self._event({**head, "choices": [choice]})
+
+        def piece(text: str) -> None:
+            # a token's log-prob is known once the next step starts: a chunk carries those
+            # of the tokens before its last, and the final chunk the rest
+            rec = extras.recorder if extras is not None and extras.logprobs else None
+            lp = None
+            if rec is not None:
+                lp = {"content": openai_content(self.server.tokenizer, rec.entries[sent[0]:]),
+                      "refusal": None}
+                sent[0] = len(rec.entries)
+            event({"content": text}, logprobs=lp)
 
         try:
             event({"role": "assistant", "content": ""})
-            reply = self._reply(prompt, kwargs, on_text=lambda piece: event({"content": piece}))
+            reply = self._reply(prompt, kwargs, on_text=piece, extras=extras)
             if reply.finish_reason == "cancelled":
                 return
-            event({}, reply.finish_reason)
+            event({}, reply.finish_reason, self._logprobs(reply, extras, sent[0]))
             if include_usage:
                 self._event({**head, "choices": [], "usage": _usage(reply)})
             self.wfile.write(b"data: [DONE]\n\n")

@@ -1,12 +1,13 @@
 """Benchmarks behind `tinygpt bench NAME` / `python -m tinygpt.bench NAME`: figures printed, never asserted.
 
 One module per benchmark (`kernels.py`, `tokenizer.py`, `train.py`, `finetune.py`, `generate.py`,
-`distributed.py`), each with a `main(argv)` that parses its own flags and prints its figures.
+`constrain.py`, `distributed.py`), each with a `main(argv)` that parses its own flags and prints
+its figures.
 """
 import importlib
 import sys
 
-NAMES = ("kernels", "tokenizer", "train", "generate", "distributed", "finetune")
+NAMES = ("kernels", "tokenizer", "train", "generate", "distributed", "finetune", "constrain")
 
 
 def main(argv: list[str] | None = None) -> int:

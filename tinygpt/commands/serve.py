@@ -31,7 +31,7 @@ def add_parsers(sub) -> None:
 
 def load_model(spec: str, quantize: str = "none") -> tuple[object, object, str]:
     """(model packed for generation, tokenizer, template name) from anything `--model` names
-    (`weights.load_pretrained`: a .gguf file, a Llama or GPT-2 folder, a run, a GPT-2 name).
+    (`hub.pretrained.load_pretrained`: a .gguf file, a Llama or GPT-2 folder, a run, a GPT-2 name).
     Llama models are chat models (chatml); GPT-2 models get the book's alpaca template."""
     from tinygpt.models.llama import Llama
     from tinygpt.hub.pretrained import load_pretrained
@@ -111,6 +111,13 @@ def _add_evaluate(sub) -> None:
                    "a time-out, HTTP 429 or 5xx, at most 10 (default 3)")
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, "
                    "doubling after each, every wait at most 60 (default 1)")
+    p.add_argument("--scoring", choices=("integer", "expected"), default="integer",
+                   help="integer: the judge's score (default); expected: also the score's "
+                   "expected value from its top log-probabilities")
+    p.add_argument("--free-text", action="store_true",
+                   help="ask as the book does, without the score's JSON schema (by default "
+                   "the score is asked for as {\"score\": 0-100}, and a judge that refuses "
+                   "the schema is asked in free text)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_evaluate)
 
@@ -145,6 +152,7 @@ def run_evaluate(args) -> int:
 
     from tinygpt.apps.judge import JudgeError, check_settings, score_responses
     check_settings(args.timeout, args.retries, args.backoff, prefix="--")
+    from tinygpt.apps.scoring import format_histogram
     entries = read_entries(args.responses)
     bar = tqdm(total=len(entries), desc="Scoring entries", disable=args.quiet, file=sys.stderr)
     try:
@@ -153,7 +161,9 @@ def run_evaluate(args) -> int:
             response_key=args.response_key, template=args.template, timeout=args.timeout,
             retries=args.retries, backoff=args.backoff,
             api_key=os.environ.get("OPENAI_API_KEY") if args.api == "openai" else None,
-            progress=lambda done, total: bar.update(done - bar.n))
+            progress=lambda done, total: bar.update(done - bar.n),
+            log=lambda line: bar.write(line, file=sys.stderr) if "free text" in line else None,
+            structured=not args.free_text, scoring=args.scoring)
     except JudgeError as e:
         raise ValueError(str(e)) from None
     finally:
@@ -163,11 +173,21 @@ def run_evaluate(args) -> int:
               "the average:")
         for k, answer in result.unparsed:
             print(f"  entry {k}: {answer[:200]!r}")
-    print(f"Number of scores: {len(result.scores)} of {result.total}")
+    how = "JSON schema" if result.structured else "free text, as the book"
+    print(f"Number of scores: {len(result.scores)} of {result.total} (asked in {how})")
     if result.average is None:
         print("Average score: none (no answer was a score from 0 to 100)")
-    else:
-        print(f"Average score: {result.average:.2f}")
+        return 0
+    print(f"Average score: {result.average:.2f}")
+    if args.scoring == "expected":
+        if result.expected_average is None:
+            print("Expected score: none (the judge sent no log-probabilities)")
+        else:
+            print(f"Expected score: {result.expected_average:.2f} (from the top "
+                  f"log-probabilities of {len(result.expected)} scores)")
+    print("Histogram of scores:")
+    for line in format_histogram(result.scores):
+        print(line)
     return 0
 
 
@@ -233,8 +253,11 @@ def run_chat(args, stdin=None, stdout=None) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server for a "
                        "model", description="Serve one model over HTTP the way OpenAI's API "
-                       "does (/v1/chat/completions, streaming or not, and /v1/models), one "
-                       "generation at a time, on 127.0.0.1 unless --host says otherwise. "
+                       "does (/v1/chat/completions, streaming or not, and /v1/models) and "
+                       "the way Ollama's does (/api/chat, /api/generate, /api/tags, /api/show; "
+                       "--port 11434 for code written for Ollama), with JSON-schema output "
+                       "(response_format, format) and logprobs; one generation at a time, on "
+                       "127.0.0.1 unless --host says otherwise. "
                        "Ctrl-C stops.")
     p.add_argument("--model", required=True, help=".gguf file, Llama hub folder, GPT-2 name, "
                    "training run or model folder")
@@ -286,7 +309,8 @@ def run_serve(args, ready=None) -> int:
                              log, limits)
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    print(f"serving {name} ({template}) on {server.url} (POST /chat/completions, GET /models); "
+    print(f"serving {name} ({template}) on {server.url} (POST /chat/completions, GET /models; "
+          f"Ollama's POST /api/chat and /api/generate); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     if ready is not None:
         ready(server)

@@ -9,6 +9,10 @@ token's position changes, so cached keys are stale, and each step recomputes the
 tokens from scratch. The logits are then exactly those of uncached generation, which crops the
 context the same way (tests/test_generate.py checks this at every step).
 
+A `logits_processor(seq, logits) -> logits` (seq (B, T) the ids so far, logits (B, V)) may change
+the logits before each token is chosen: `constrain.py`'s masks keep the output inside a JSON
+schema or a regex that way, and `logprobs.py` records the distribution it was chosen from.
+
     python -m tinygpt generate --model gpt2 --prompt "Every effort moves you"
 """
 from __future__ import annotations
@@ -26,6 +30,9 @@ from tinygpt.core.validate import check_number
 # below this, logits / temperature can overflow to inf (and inf - inf to NaN): such a temperature
 # is greedy in all but exact ties, so it is treated as 0
 MIN_TEMPERATURE = 1e-6
+
+# (ids so far (B, T), next-token logits (B, V)) -> the logits to choose from (B, V)
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def _check_args(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: float,
@@ -93,7 +100,8 @@ def sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: flo
 
 def stream(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-           seed: int | None = None, use_cache: bool = True) -> Iterator[np.ndarray]:
+           seed: int | None = None, use_cache: bool = True,
+           logits_processor: LogitsProcessor | None = None) -> Iterator[np.ndarray]:
     """Yield the next token ids (B,) one step at a time.
 
     Stops after `max_new_tokens`, or once every row has produced `eos_id` (rows that finished
@@ -103,12 +111,13 @@ def stream(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: float 
     seq, temperature = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id,
                                    seed)
     return _stream(model, seq, max_new_tokens, temperature, top_k, top_p, eos_id,
-                   np.random.default_rng(seed), use_cache)
+                   np.random.default_rng(seed), use_cache, logits_processor)
 
 
 def _stream(model: GPT, seq: np.ndarray, max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, eos_id: int | None,
-            rng: np.random.Generator, use_cache: bool) -> Iterator[np.ndarray]:
+            rng: np.random.Generator, use_cache: bool,
+            logits_processor: LogitsProcessor | None = None) -> Iterator[np.ndarray]:
     was_training = model.training
     model.eval()
     cache = model.new_cache(seq.shape[0]) if use_cache else None
@@ -116,6 +125,8 @@ def _stream(model: GPT, seq: np.ndarray, max_new_tokens: int, temperature: float
     try:
         for _ in range(max_new_tokens):
             logits, cache = next_token_logits(model, seq, cache)
+            if logits_processor is not None:
+                logits = logits_processor(seq, logits)
             token = sample(logits, temperature, top_k, top_p, rng)
             if eos_id is not None:
                 token = np.where(done, eos_id, token)
@@ -131,7 +142,8 @@ def _stream(model: GPT, seq: np.ndarray, max_new_tokens: int, temperature: float
 def generate(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              seed: int | None = None, use_cache: bool = True,
-             callback: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+             callback: Callable[[np.ndarray], None] | None = None,
+             logits_processor: LogitsProcessor | None = None) -> np.ndarray:
     """The prompt followed by up to `max_new_tokens` generated ids: (B, T + n).
 
     `callback(token_ids)` is called with each new column (B,) as soon as it exists (streaming).
@@ -139,7 +151,7 @@ def generate(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: floa
     prompt, _ = _check_args(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     new = []
     for token in stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
-                        use_cache):
+                        use_cache, logits_processor):
         new.append(token)
         if callback is not None:
             callback(token)
