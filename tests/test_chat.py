@@ -200,6 +200,7 @@ def test_session_with_a_real_tiny_gpt_is_reproducible():
     assert replies[0] == replies[1] and replies[0][0] != ""
 
 
+@pytest.mark.slow
 def test_smollm2_answers_the_capital_of_france(shared):
     from tinygpt.commands.serve import load_model
     path = shared / "fixtures/smollm2-135m-instruct/model.gguf"

@@ -235,6 +235,7 @@ def _run(argv, capsys):
     return rc, out, err
 
 
+@pytest.mark.slow
 def test_a_short_run_learns_spam_well_above_the_majority_class(shared, tmp_path, capsys):
     base = tmp_path / "base"
     save_pretrained(tiny_gpt(), base, GPT2Tokenizer())

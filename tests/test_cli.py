@@ -6,6 +6,7 @@ from tinygpt.commands import cli
 from tinygpt.autograd import ops
 
 
+@pytest.mark.slow
 def test_gradcheck_command_passes_every_op(capsys):
     assert cli.main(["gradcheck"]) == 0
     out = capsys.readouterr().out

@@ -118,6 +118,7 @@ def test_python_dash_m_streams_to_stdout(fixture_dir, expected, tok):
     assert run.stdout == prompt + tok.decode(expected["gen_new_tokens"][:5]) + "\n"
 
 
+@pytest.mark.slow
 def test_generate_runs_the_real_smollm2_gguf_in_every_weight_mode(shared, capsys):
     """The chat reply of the fixture, through the CLI, float32 rows, int8 and the file's blocks."""
     import json

@@ -155,7 +155,7 @@ def _random_constrained_text(tok, schema, seed: int) -> str:
     raise AssertionError(f"no end after {MAX_STEPS} tokens: {tok.decode(seq[0].tolist())!r}")
 
 
-@settings(max_examples=12)
+@settings(max_examples=5)
 @given(schema=json_schemas(), seed=st.integers(0, 2 ** 31))
 @example(schema={"type": "object", "properties": {
     "score": {"type": "integer", "minimum": 0, "maximum": 100}}}, seed=0)
@@ -164,7 +164,7 @@ def test_every_constrained_output_parses_and_validates_gpt2(gpt2, schema, seed):
     assert _valid(json.loads(text), schema), text
 
 
-@settings(max_examples=12)
+@settings(max_examples=5)
 @given(schema=json_schemas(), seed=st.integers(0, 2 ** 31))
 def test_every_constrained_output_parses_and_validates_smollm2(smollm2, schema, seed):
     text = _random_constrained_text(smollm2, schema, seed)
@@ -172,7 +172,7 @@ def test_every_constrained_output_parses_and_validates_smollm2(smollm2, schema, 
 
 
 @given(seed=st.integers(0, 2 ** 31))
-@settings(max_examples=10)
+@settings(max_examples=5)
 def test_json_object_gives_an_object(gpt2, seed):
     eos = gpt2.eot_id
     c = Constraint(gpt2, any_object(), [eos])

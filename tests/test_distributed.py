@@ -153,6 +153,7 @@ def test_two_ranks_equal_one_rank(two_rank_run, tmp_path):
     assert not np.array_equal(a["model.wte.weight"], GPT(MODEL, seed=0).wte.weight.data)
 
 
+@pytest.mark.slow
 def test_resumed_two_rank_run_is_bit_identical(two_rank_run, tmp_path):
     out = tmp_path / "resumed"
     _ok(_mpirun(2, str(out), "--max-steps", "4"))
@@ -180,7 +181,8 @@ def test_ranks_that_disagree_on_the_config_stop_at_the_start(tmp_path):
         proc.stderr
 
 
-@pytest.mark.parametrize("how", ["kill", "raise", "stall"])
+@pytest.mark.parametrize("how", [pytest.param("kill", marks=pytest.mark.slow), "raise",
+                                 pytest.param("stall", marks=pytest.mark.slow)])
 def test_a_rank_that_dies_ends_the_job_quickly(tmp_path, how):
     start = time.monotonic()
     proc = _mpirun(2, str(tmp_path / "run"), "--fail", how, timeout_env=2.0)
