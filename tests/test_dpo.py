@@ -144,9 +144,17 @@ def test_model_logprobs_equal_a_full_forward():
     tok = char_tokenizer()
     model = tiny_model(tok)
     b = dataset(tok).collate([0, 3, 4])
-    full = sequence_logprobs(model(b["chosen"]), b["chosen"], b["chosen_mask"])
-    cropped = model_logprobs(model, b["chosen"], b["chosen_mask"])   # head after the prompt
-    np.testing.assert_allclose(cropped.data, full.data, rtol=1e-6)
+    grads = []
+    for logprobs in (lambda: sequence_logprobs(model(b["chosen"]), b["chosen"], b["chosen_mask"]),
+                     lambda: model_logprobs(model, b["chosen"], b["chosen_mask"])):
+        model.zero_grad()
+        lp = logprobs()                         # the second runs the head on scored rows only
+        (lp * np.arange(1.0, 1 + lp.shape[0])).sum().backward()
+        grads.append((lp.data, [p.grad.copy() for p in model.parameters()]))
+    (full, g_full), (cropped, g_cropped) = grads
+    np.testing.assert_allclose(cropped, full, rtol=1e-6)
+    for a, g in zip(g_full, g_cropped):
+        np.testing.assert_allclose(g, a, rtol=1e-4, atol=1e-7)
 
 
 @given(st.data())

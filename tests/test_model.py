@@ -55,6 +55,7 @@ def test_presets():
         GPTConfig.preset("gpt2", n_head=7)
 
 
+@pytest.mark.slow
 def test_gpt2_parameter_counts():
     """The book's figures (chapter 4): 163,009,536 untied; 124,412,160 with the head tied to wte."""
     model = GPT(GPTConfig.preset("gpt2"))
@@ -196,6 +197,36 @@ def test_tied_head_gets_gradient_from_both_uses():
     # rows never looked up still get gradient through the head: proof the head is wte itself
     assert np.abs(model.wte.weight.grad[untouched_rows]).sum() > 0
     assert model.lm_head is None
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+@given(data=st.data())
+def test_loss_runs_the_head_on_counted_rows_only_with_the_same_value_and_gradients(tie_weights,
+                                                                                     data):
+    """CausalLM.loss gathers the rows whose target is not -100 before the head: the loss and
+    every gradient are those of forward(idx, targets), which runs the head on every row."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+    B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 8))
+    idx, targets = rng.integers(0, 11, (B, T)), rng.integers(0, 11, (B, T))
+    targets[rng.random((B, T)) < data.draw(st.floats(0, 0.9))] = -100
+    targets.reshape(-1)[rng.integers(B * T)] = 3                       # one row that counts
+    grads = []
+    for run in (lambda m: m(idx, targets)[1], lambda m: m.loss(idx, targets)):
+        model = tiny_model(np.float64, seed=1, noise=0.3, tie_weights=tie_weights)
+        loss = run(model)
+        loss.backward()
+        grads.append((loss.item(), [p.grad for p in model.parameters()]))
+    (full, g_full), (cropped, g_cropped) = grads
+    assert cropped == pytest.approx(full, rel=1e-12)
+    for a, b in zip(g_full, g_cropped):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-14)
+
+
+def test_loss_with_no_counted_row_is_a_clear_error():
+    with pytest.raises(ValueError, match="every target is ignore_index"):
+        tiny_model().loss(np.array([[1, 2]]), np.array([[-100, -100]]))
+    with pytest.raises(ValueError, match="do not fit"):
+        tiny_model().loss(np.array([[1, 2]]), np.array([[1, 2, 3]]))
 
 
 # --- bad token ids --------------------------------------------------------------------------------

@@ -55,6 +55,12 @@ def _is_basic_index(index: Any) -> bool:
     return all(i is None or i is Ellipsis or isinstance(i, (int, np.integer, slice)) for i in items)
 
 
+def _is_distinct_rows(index: Any) -> bool:
+    """A 1-D integer array naming each row at most once: plain assignment scatters it."""
+    return (isinstance(index, np.ndarray) and index.ndim == 1 and index.dtype.kind in "iu"
+            and (index.size == 0 or index.min() >= 0) and np.unique(index).size == index.size)
+
+
 class GetItem(Function):
     """y = x[index], basic or integer-array indexing.
 
@@ -72,7 +78,7 @@ class GetItem(Function):
     @staticmethod
     def backward(ctx: Context, dy: np.ndarray) -> tuple:
         dx = np.zeros(ctx.shape, dtype=dy.dtype)
-        if _is_basic_index(ctx.index):
+        if _is_basic_index(ctx.index) or _is_distinct_rows(ctx.index):
             dx[ctx.index] = dy
         else:
             np.add.at(dx, ctx.index, dy)

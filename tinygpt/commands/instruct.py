@@ -117,11 +117,12 @@ class _Clock:
         self.seconds = 0.0
 
     def loss_fn(self, model, x, y):
+        from tinygpt.training.train import default_loss
         if model.training:
-            return model(x, y)[1]
+            return default_loss(model, x, y)
         start = time.perf_counter()
         try:
-            return model(x, y)[1]
+            return default_loss(model, x, y)
         finally:
             self.seconds += time.perf_counter() - start
 

@@ -222,15 +222,28 @@ def sequence_logprobs(logits: Tensor, ids: np.ndarray, mask: np.ndarray,
 
 
 def model_logprobs(model, ids: np.ndarray, mask: np.ndarray, reduction: str = "mean") -> Tensor:
-    """sequence_logprobs(model(ids), ids, mask) (N,), with the vocabulary head run only from the
-    first position whose next token is scored: the prompt in front is not, and the head (C x V,
-    49,152 or 50,257 wide) is the largest matmul and the largest activation of the forward."""
-    t0 = int(np.argmax(mask[:, 1:].any(axis=0)))          # first position that predicts a score
-    h = model.hidden(ids)[:, t0:]                                        # (N, T - t0, C)
+    """sequence_logprobs(model(ids), ids, mask) (N,), with the vocabulary head run only on the
+    positions whose next token is scored: the prompt and the padding are not, and the head
+    (C x V, 49,152 or 50,257 wide) is the largest matmul and the largest activation of the step.
+
+    The M scored positions (row n, position t predicting ids[n, t + 1]) are gathered into one
+    (M, C) matrix; each row's total is an (N, M) 0/1 membership matrix times the M log-probs.
+    """
+    _check_reduction(reduction)
+    scored = mask[:, 1:]                                                 # (N, T-1)
+    counts = scored.sum(axis=-1)
+    if np.any(counts == 0):
+        raise ValueError("sequence_logprobs: a row has no masked tokens to score")
+    n, t = np.nonzero(scored)                            # row by row, positions in order
+    h = model.hidden(ids)                                                # (N, T, C)
+    h = F.reshape(h, -1, h.shape[-1])[n * ids.shape[1] + t]              # (M, C)
     # NOTE: the head as the model's own forward applies it (a LoRA head included)
     head = getattr(model, "logits", None)
-    logits = head(h) if head is not None else F.linear(h, model.head_weight())   # (N, T-t0, V)
-    return sequence_logprobs(logits, ids[:, t0:], mask[:, t0:], reduction)
+    logits = head(h) if head is not None else F.linear(h, model.head_weight())   # (M, V)
+    logp = -F.cross_entropy(logits, ids[n, t + 1], reduction="none")     # (M,)
+    member = (n[None, :] == np.arange(ids.shape[0])[:, None]).astype(logp.dtype)   # (N, M)
+    total = F.matmul(Tensor(member), logp)                               # (N,)
+    return total if reduction == "sum" else total / counts
 
 
 def _pair_logprobs(model, batch: dict, reduction: str) -> Tensor:

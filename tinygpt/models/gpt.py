@@ -153,6 +153,20 @@ class CausalLM(Module):
             return logits
         return logits, F.cross_entropy(logits, targets)
 
+    def loss(self, idx: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> Tensor:
+        """The mean next-token cross-entropy of `forward(idx, targets)`, with the head run only
+        on rows whose target counts: the head (C x V) is the widest matmul, and fine-tuning
+        batches ignore their padding (and the book's masked prompts). Same value, same gradients."""
+        x = self.hidden(idx)                                             # (B, T, C)
+        t = np.asarray(targets).reshape(-1)
+        if t.shape[0] != x.shape[0] * x.shape[1]:
+            raise ValueError(f"loss: targets {np.shape(targets)} do not fit ids {idx.shape}")
+        rows = np.flatnonzero(t != ignore_index)
+        x = F.reshape(x, -1, x.shape[-1])                               # (B T, C)
+        if rows.size < t.size:
+            x, t = x[rows], t[rows]
+        return F.cross_entropy(self.logits(x), t, ignore_index=ignore_index)
+
     def _dropout_rngs(self) -> tuple:
         """The Generator dropout masks are drawn from (the model's own rng), while training."""
         rng = getattr(self, "rng", None)
@@ -166,7 +180,7 @@ class CausalLM(Module):
             return self.lm_head(x)                  # a Linear (C, V) of its own, maybe packed
         if tied.packed is not None:
             return packed_product(tied.packed, x, None)
-        return F.linear(x, F.transpose(tied.weight))
+        return F.linear(x, tied.weight, transposed=True)           # the table (V, C) as stored
 
     def tied_embedding(self) -> Embedding | None:
         """The Embedding whose table is also the head, or None when the head is `lm_head`."""

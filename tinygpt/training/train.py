@@ -125,8 +125,9 @@ class TrainResult:
 
 
 def default_loss(model, x: np.ndarray, y: np.ndarray) -> Tensor:
-    """Mean next-token cross-entropy of a GPT."""
-    return model(x, y)[1]
+    """Mean next-token cross-entropy of a GPT (`CausalLM.loss`: the head only where y counts)."""
+    loss = getattr(model, "loss", None)
+    return loss(x, y) if loss is not None else model(x, y)[1]
 
 
 def batch_tokens(batch: Batch) -> int:
