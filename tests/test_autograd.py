@@ -95,6 +95,21 @@ def test_leaf_grads_accumulate_until_zero_grad():
     np.testing.assert_array_equal(x.grad, [5.0, 5.0])
 
 
+def test_a_kept_grad_array_is_never_written_into():
+    """Leaves accumulate in place only into an array no one else holds (a tied parameter's
+    two uses then need no third array); one the caller kept, or a view of it, stays as it was."""
+    w = Tensor(np.ones((3, 2)), requires_grad=True)
+    x = Tensor(np.arange(6.0).reshape(2, 3))
+    (F.linear(x, w) + F.linear(x, w)).sum().backward()          # two uses in one graph
+    np.testing.assert_array_equal(w.grad, 2 * np.tile(x.data.sum(0)[:, None], 2))
+    kept, view = w.grad, w.grad[:1]
+    snapshot = kept.copy()
+    (F.linear(x, w) + F.linear(x, w)).sum().backward()
+    np.testing.assert_array_equal(kept, snapshot)
+    np.testing.assert_array_equal(view, snapshot[:1])
+    np.testing.assert_array_equal(w.grad, 2 * snapshot)
+
+
 def test_retain_graph_gives_the_same_interior_grads_and_accumulates_leaves():
     x = Tensor(np.array([0.5, -1.0, 2.0]), requires_grad=True)
     h = x * x                                        # interior node

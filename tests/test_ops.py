@@ -80,6 +80,24 @@ def test_linear_grad(data, with_bias):
         gradcheck(lambda x, w: F.linear(x, w), x, w)
 
 
+@given(st.data(), st.booleans())
+def test_linear_with_a_weight_stored_out_in_grad(data, with_bias):
+    """transposed=True (a tied head reading the embedding table): x @ w^T, and the gradient
+    comes back in w's own (out, in) layout, equal to linear(x, w^T)'s."""
+    lead = data.draw(shapes(min_dims=1, max_dims=2, max_side=3))
+    n_in, n_out = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5))
+    x, w = data.draw(arrays(lead + (n_in,))), data.draw(arrays((n_out, n_in)))
+    b = data.draw(arrays((n_out,))) if with_bias else None
+    gradcheck(lambda x, w, *b: F.linear(x, w, *b, transposed=True), x, w, *([b] if with_bias else []))
+    ours, theirs = Tensor(w, requires_grad=True), Tensor(w, requires_grad=True)
+    F.linear(Tensor(x), ours, transposed=True).sum().backward()
+    F.linear(Tensor(x), F.transpose(theirs)).sum().backward()
+    assert ours.grad.flags.c_contiguous and ours.grad.shape == w.shape
+    np.testing.assert_allclose(ours.grad, theirs.grad, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match=r"stored out, in"):
+        F.linear(Tensor(np.ones((2, n_in + 1))), Tensor(w), transposed=True)
+
+
 # --- reductions and shape ops -----------------------------------------------------------------------
 
 @given(st.data(), st.booleans())

@@ -62,9 +62,10 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return ops.MatMul.apply(a, b)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight + bias with weight (in, out)."""
-    return ops.Linear.apply(x, weight, bias)
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+           transposed: bool = False) -> Tensor:
+    """x @ weight + bias with weight (in, out), or (out, in) with `transposed` (x @ weight^T)."""
+    return ops.Linear.apply(x, weight, bias, transposed=transposed)
 
 
 def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001

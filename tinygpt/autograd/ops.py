@@ -284,28 +284,35 @@ class Linear(Function):
 
     The batch axes are flattened so each of forward, dx and dw is one BLAS call:
     dx = dy @ w^T, dw = x^T @ dy, db = sum(dy) over rows.
+    `transposed=True` takes w stored (out, in), y = x @ w^T: a tied head reads the embedding
+    table (V, C) as it is, and dw = dy^T @ x comes out in that layout (a gradient of the
+    transposed view would need a transposed copy: 113 MB for SmolLM2).
     """
 
     @staticmethod
-    def forward(ctx: Context, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-        if w.ndim != 2 or x.shape[-1] != w.shape[0] or (b is not None and b.shape != w.shape[1:]):
+    def forward(ctx: Context, x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+                transposed: bool = False) -> np.ndarray:
+        n_in, n_out = (w.shape[::-1] if transposed else w.shape) if w.ndim == 2 else (-1, -1)
+        if w.ndim != 2 or x.shape[-1] != n_in or (b is not None and b.shape != (n_out,)):
             bias = "" if b is None else f" and bias {b.shape}"
-            raise ValueError(f"linear: input {x.shape} does not fit weight {w.shape}{bias}")
+            layout = " (stored out, in)" if transposed else ""
+            raise ValueError(f"linear: input {x.shape} does not fit weight {w.shape}{layout}{bias}")
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ w
+        y = x2 @ (w.T if transposed else w)
         if b is not None:
             y += b
         ctx.save(x2, w)
-        ctx.x_shape = x.shape
-        return y.reshape(*x.shape[:-1], w.shape[1])
+        ctx.x_shape, ctx.transposed = x.shape, transposed
+        return y.reshape(*x.shape[:-1], n_out)
 
     @staticmethod
     def backward(ctx: Context, dy: np.ndarray) -> tuple:
         x2, w = ctx.saved
-        dy2 = dy.reshape(-1, w.shape[1])
+        t = ctx.transposed
+        dy2 = dy.reshape(-1, w.shape[0] if t else w.shape[1])
         need_x, need_w, need_b = ctx.needs_input_grad
-        dx = (dy2 @ w.T).reshape(ctx.x_shape) if need_x else None
-        dw = x2.T @ dy2 if need_w else None
+        dx = (dy2 @ (w if t else w.T)).reshape(ctx.x_shape) if need_x else None
+        dw = (dy2.T @ x2 if t else x2.T @ dy2) if need_w else None
         db = dy2.sum(axis=0) if need_b else None
         return dx, dw, db
 
