@@ -78,7 +78,8 @@ class LoRALinearFn(Function):
     """y = x @ W + b + s (x @ A) @ B in one op.   x: (..., in) -> y: (..., out); s = alpha / r
 
     One op instead of linear + matmuls + scale + add keeps one output array per layer alive for
-    backward, as a plain Linear does, plus the small h = x A (N, p r). With g = s dy:
+    backward, as a plain Linear does, plus the small h = x A (N, p r). With g = s dy (s applied
+    to the small products, so no scaled copy of dy is made):
         dh = g B^T,   dx = dy W^T + dh A^T,   dA = x^T dh,   dB = h^T g,
         dW = x^T dy and db = sum(dy) only if W, b are trained (LoRA freezes them).
     With parts, B is block diagonal: `_up` and `_up_transposed` multiply by it block by block.
@@ -103,14 +104,14 @@ class LoRALinearFn(Function):
         x2, h, w, a, bb = ctx.saved
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad
         dy2 = dy.reshape(-1, w.shape[1])                                    # (N, out)
-        g = dy2 * np.asarray(ctx.scaling, dy2.dtype)
-        dh = _up_transposed(g, bb, ctx.parts)                               # (N, p r)
+        s = np.asarray(ctx.scaling, dy2.dtype)     # g = s dy is never formed: s scales the small
+        dh = _up_transposed(dy2, bb, ctx.parts) * s                         # (N, p r)
         dx = (dy2 @ w.T + dh @ a.T).reshape(ctx.x_shape) if need_x else None
         dw = x2.T @ dy2 if need_w else None
         db = dy2.sum(axis=0) if need_b else None
         da = x2.T @ dh if need_a else None
         dbb = (np.concatenate([hi.T @ gi for hi, gi in zip(np.split(h, ctx.parts, axis=1),
-                                                           np.split(g, ctx.parts, axis=1))])
+                                                           np.split(dy2, ctx.parts, axis=1))]) * s
                if need_bb else None)
         return dx, dw, db, da, dbb
 
