@@ -278,6 +278,18 @@ def test_log_sigmoid_and_silu_grad(data):
                                atol=1e-300)
 
 
+@given(st.data())
+def test_swiglu_grad_and_value(data):
+    """F.swiglu(a, b), one fused op, is silu(a) * b, and its gradients pass the check."""
+    shape = data.draw(shapes())
+    a, b = data.draw(arrays(shape, lo=-30, hi=30)), data.draw(arrays(shape))
+    gradcheck(F.swiglu, a, b)
+    np.testing.assert_allclose(F.swiglu(Tensor(a), Tensor(b)).data,
+                               (F.silu(Tensor(a)) * Tensor(b)).data, rtol=1e-12, atol=1e-300)
+    with pytest.raises(ValueError, match="differ in shape"):
+        F.swiglu(Tensor(np.ones(3)), Tensor(np.ones(2)))
+
+
 def test_log_sigmoid_is_stable_far_out():
     x = np.array([-1000.0, -100.0, -81.0, 0.0, 81.0, 100.0, 1000.0])
     y = F.log_sigmoid(Tensor(x, requires_grad=True))

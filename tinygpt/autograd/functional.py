@@ -167,6 +167,11 @@ def silu(x: Tensor) -> Tensor:
     return ops.SiLU.apply(x)
 
 
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up as one op (Llama's MLP): keeps the two inputs only."""
+    return fused.SwiGLU.apply(gate, up)
+
+
 def log_sigmoid(x: Tensor) -> Tensor:
     """log(sigmoid(x)), finite for any finite x (DPO's loss)."""
     return ops.LogSigmoid.apply(x)

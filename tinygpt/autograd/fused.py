@@ -33,6 +33,28 @@ class GELU(Function):
         return (kernels.gelu_backward(x.reshape(-1), dy).reshape(x.shape),)
 
 
+class SwiGLU(Function):
+    """Llama's gate: y = silu(a) * b = a sigmoid(a) b, elementwise.   a, b: (...) -> y: (...)
+
+    Saves a and b only; kernel: swiglu_* (both gradients in one pass).
+    """
+
+    @staticmethod
+    def forward(ctx: Context, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if a.shape != b.shape:
+            raise ValueError(f"swiglu: gate {a.shape} and up {b.shape} differ in shape")
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        ctx.save(a, b)
+        return kernels.swiglu_forward(a.reshape(-1), b.reshape(-1)).reshape(a.shape)
+
+    @staticmethod
+    def backward(ctx: Context, dy: np.ndarray) -> tuple:
+        a, b = ctx.saved
+        dy = np.ascontiguousarray(dy).reshape(-1)
+        da, db = kernels.swiglu_backward(a.reshape(-1), b.reshape(-1), dy)
+        return da.reshape(a.shape), db.reshape(b.shape)
+
+
 def _rows(x: np.ndarray) -> np.ndarray:
     """(..., N) -> contiguous (rows, N), the layout every row kernel takes."""
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)

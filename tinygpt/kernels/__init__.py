@@ -1,8 +1,9 @@
 """Hot loops of tinygpt, one module per piece of math, each kernel beside its NumPy twin.
 
 `base.py` holds what they share (the `TINYGPT_NUMBA=0` switch `pick`, `jit_rows`, a vectorisable
-exp); `softmax.py`, `norms.py` (LayerNorm, RMSNorm), `gelu.py`, `loss.py` (cross-entropy),
-`attention.py` (the causal softmax inside attention) and `adamw.py` are the training kernels;
+exp); `softmax.py`, `norms.py` (LayerNorm, RMSNorm), `gelu.py`, `swiglu.py` (Llama's gate),
+`loss.py` (cross-entropy), `attention.py` (the causal softmax inside attention) and `adamw.py`
+are the training kernels;
 `decode.py` holds the memory-bound loops of generation and `quant.py` GGUF's block formats. They
 know nothing about `Tensor` or autograd: `autograd/fused.py` reshapes its inputs and calls the
 names gathered here.
@@ -25,6 +26,8 @@ from tinygpt.kernels.norms import (layer_norm_backward, layer_norm_backward_numb
                                    rms_norm_backward, rms_norm_backward_numba,
                                    rms_norm_backward_ref, rms_norm_forward, rms_norm_forward_numba,
                                    rms_norm_forward_ref)
+from tinygpt.kernels.swiglu import (swiglu_backward, swiglu_backward_numba, swiglu_backward_ref,
+                                    swiglu_forward, swiglu_forward_numba, swiglu_forward_ref)
 from tinygpt.kernels.softmax import (softmax_backward, softmax_backward_numba,
                                      softmax_backward_ref, softmax_forward, softmax_forward_numba,
                                      softmax_forward_ref)

@@ -183,7 +183,7 @@ class LlamaMLP(Module):
         self.down_proj = Linear(cfg.n_inner, cfg.n_embd, rng, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class LlamaBlock(Module):
