@@ -179,6 +179,26 @@ def test_embedding_grad_with_repeated_ids(data):
     gradcheck(lambda t: F.embedding(t, idx), w)
 
 
+@given(st.data())
+def test_embedding_row_gradient_adds_into_every_kind_of_table(data):
+    """The table's gradient comes back as rows (RowGrad): alone, after a tied head's dense one,
+    into a .grad the caller kept (never written), and through an op on the table (not a leaf)."""
+    V, C = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4))
+    w = data.draw(arrays((V, C)))
+    idx = np.array(data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=8))).reshape(1, -1)
+    gradcheck(lambda t: F.linear(F.embedding(t, idx), t, transposed=True), w)     # tied: both uses
+    gradcheck(lambda t: F.embedding(t * 2.0, idx), w)                              # interior table
+    table = Tensor(w.copy(), requires_grad=True)
+    F.embedding(table, idx).sum().backward()
+    once = np.zeros((V, C))
+    np.add.at(once, idx.reshape(-1), 1.0)
+    np.testing.assert_array_equal(table.grad, once)
+    kept = table.grad
+    F.embedding(table, idx).sum().backward()
+    np.testing.assert_array_equal(kept, once)
+    np.testing.assert_array_equal(table.grad, 2 * once)
+
+
 # --- fused ops -----------------------------------------------------------------------------------------
 
 @given(st.data())

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt.autograd.ops import unbroadcast
-from tinygpt.autograd.tensor import Context, Function
+from tinygpt.autograd.tensor import Context, Function, RowGrad
 
 
 # --- shape ops ------------------------------------------------------------------------------------
@@ -190,7 +190,8 @@ class Dropout(Function):
 class Embedding(Function):
     """y = weight[idx].   weight: (V, C), idx: int (...) -> y: (..., C)
 
-    dweight gathers dy rows back to their token ids, adding where an id repeats.
+    dweight gathers dy rows back to their token ids, adding where an id repeats: a RowGrad, so
+    a table's gradient is never a dense copy of zeros first.
     """
 
     @staticmethod
@@ -209,6 +210,4 @@ class Embedding(Function):
     @staticmethod
     def backward(ctx: Context, dy: np.ndarray) -> tuple:
         (idx,) = ctx.saved
-        dw = np.zeros(ctx.shape, dtype=dy.dtype)
-        np.add.at(dw, idx.reshape(-1), dy.reshape(-1, ctx.shape[1]))
-        return dw, None
+        return RowGrad(ctx.shape, idx.reshape(-1), dy.reshape(-1, ctx.shape[1])), None

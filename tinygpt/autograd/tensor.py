@@ -167,6 +167,7 @@ class Tensor:
                     _accumulate(parent, pg, given)
                     continue
                 key = id(parent)
+                pg = pg.dense() if isinstance(pg, RowGrad) else pg
                 grads[key] = pg if key not in grads else grads[key] + pg
 
 
@@ -176,12 +177,38 @@ def _accumulate(leaf: Tensor, g: np.ndarray, given: set[int]) -> None:
     113 MB for SmolLM2) holds two arrays at the peak, not three. A .grad someone kept, a view,
     or an array an op also gave elsewhere is never written into: it is replaced by a new sum."""
     if leaf.grad is None:
-        leaf.grad = _own(g, given)
+        leaf.grad = g.dense() if isinstance(g, RowGrad) else _own(g, given)
     elif (sys.getrefcount(leaf.grad) <= 2 and leaf.grad.base is None
           and leaf.grad.flags.writeable):
-        leaf.grad += g
+        if isinstance(g, RowGrad):
+            g.add_to(leaf.grad)
+        else:
+            leaf.grad += g
+    elif isinstance(g, RowGrad):
+        leaf.grad = leaf.grad.copy()
+        g.add_to(leaf.grad)
     else:
         leaf.grad = leaf.grad + g
+
+
+class RowGrad:
+    """A gradient that is zero but on some rows: an embedding table's, where only the batch's
+    token ids get one. Backward adds it into the table's gradient in place (a tied head has made
+    that already) instead of building a dense (V, C) of zeros first: 113 MB for SmolLM2.
+
+    rows[i] belongs to row idx[i]; an id that repeats adds up.   idx: (N,), rows: (N, C)
+    """
+
+    def __init__(self, shape: tuple, idx: np.ndarray, rows: np.ndarray):
+        self.shape, self.dtype, self.idx, self.rows = tuple(shape), rows.dtype, idx, rows
+
+    def add_to(self, out: np.ndarray) -> None:
+        np.add.at(out, self.idx, self.rows)
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=self.dtype)
+        self.add_to(out)
+        return out
 
 
 def _own(g: np.ndarray, given: set[int]) -> np.ndarray:
