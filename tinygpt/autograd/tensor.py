@@ -171,24 +171,21 @@ class Tensor:
                 grads[key] = pg if key not in grads else grads[key] + pg
 
 
-def _accumulate(leaf: Tensor, g: np.ndarray, given: set[int]) -> None:
+def _accumulate(leaf: Tensor, g: np.ndarray | RowGrad, given: set[int]) -> None:
     """leaf.grad += g, in place when no one but the leaf holds its array (CPython's reference
     count: the leaf's and the call's), so a parameter used twice (a tied embedding and head:
     113 MB for SmolLM2) holds two arrays at the peak, not three. A .grad someone kept, a view,
     or an array an op also gave elsewhere is never written into: it is replaced by a new sum."""
     if leaf.grad is None:
         leaf.grad = g.dense() if isinstance(g, RowGrad) else _own(g, given)
-    elif (sys.getrefcount(leaf.grad) <= 2 and leaf.grad.base is None
-          and leaf.grad.flags.writeable):
-        if isinstance(g, RowGrad):
-            g.add_to(leaf.grad)
-        else:
-            leaf.grad += g
-    elif isinstance(g, RowGrad):
-        leaf.grad = leaf.grad.copy()
+        return
+    if not (sys.getrefcount(leaf.grad) <= 2 and leaf.grad.base is None
+            and leaf.grad.flags.writeable):
+        leaf.grad = leaf.grad.copy()                 # someone else sees it: sum into a new one
+    if isinstance(g, RowGrad):
         g.add_to(leaf.grad)
     else:
-        leaf.grad = leaf.grad + g
+        leaf.grad += g
 
 
 class RowGrad:
