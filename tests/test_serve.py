@@ -294,7 +294,7 @@ def test_serve_command_then_evaluate(tmp_path, capsys):
 def test_serve_command_bad_flags_and_busy_port(tmp_path, capsys):
     model_dir = save_tiny_gpt(tmp_path / "tiny")
     assert main(["serve", "--model", model_dir, "--port", "70000"]) == 2
-    assert "--port must be >= 0 and <= 65535" in capsys.readouterr().err
+    assert "--port must be in [0, 65535], got 70000" in capsys.readouterr().err
     for flag, value in (("--request-timeout", "nan"), ("--request-timeout", "0"),
                         ("--request-timeout", "-1"), ("--max-connections", "0"),
                         ("--max-queue", "-1"), ("--max-body", "10"), ("--max-prompt-bytes", "0"),

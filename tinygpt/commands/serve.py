@@ -9,13 +9,12 @@ chat.py and serve.py (flags, model loading, printing). User errors are raised as
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
+from tinygpt.core.validate import check_number
 from tinygpt.text.templates import TEMPLATES
 
 DEFAULT_JUDGE = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000"}
@@ -53,21 +52,11 @@ def _add_quantize(p) -> None:
 
 # --- flag checks ------------------------------------------------------------------------------
 
-def _check_float(name: str, value: float | None, lo: float, hi: float = math.inf,
-                 open_low: bool = False) -> None:
-    if value is None:
-        return
-    bad = not math.isfinite(value) or value < lo or value > hi or (open_low and value == lo)
-    if bad:
-        where = f"in {'(' if open_low else '['}{lo:g}, {hi:g}]" if math.isfinite(hi) else \
-            (f"> {lo:g}" if open_low else f">= {lo:g}")
-        raise ValueError(f"{name} must be a finite number {where}, got {value}")
-
-
-def _check_int(name: str, value: int | None, lo: int, hi: int | None = None) -> None:
-    if value is not None and (value < lo or (hi is not None and value > hi)):
-        raise ValueError(f"{name} must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
-                         + f", got {value}")
+def _check(name: str, value: float | None, lo: float, hi: float | None = None,
+           **open_ends: bool) -> None:
+    """validate.check_number for a flag that may be left unset (None)."""
+    if value is not None:
+        check_number(name, value, lo, hi, **open_ends)
 
 
 def _add_sampling(p) -> None:
@@ -80,9 +69,9 @@ def _add_sampling(p) -> None:
 
 
 def _check_sampling(args) -> None:
-    _check_float("--temperature", args.temperature, 0.0)
-    _check_float("--top-p", args.top_p, 0.0, 1.0, open_low=True)
-    _check_int("--top-k", args.top_k, 1)
+    _check("--temperature", args.temperature, 0.0)
+    _check("--top-p", args.top_p, 0.0, 1.0, lo_open=True)
+    _check("--top-k", args.top_k, 1)
 
 
 # --- evaluate ---------------------------------------------------------------------------------
@@ -212,7 +201,7 @@ def run_chat(args, stdin=None, stdout=None) -> int:
     from tinygpt.apps.chat import ChatSession
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     _check_sampling(args)
-    _check_int("--max-new-tokens", args.max_new_tokens, 1)
+    _check("--max-new-tokens", args.max_new_tokens, 1)
     interactive = stdin.isatty()
     try:
         model, tok, template = _load(args)
@@ -296,8 +285,8 @@ def run_serve(args, ready=None) -> int:
     """`ready(server)` is called once it listens (tests use it to learn the port)."""
     from tinygpt.apps.http_server import Limits
     from tinygpt.apps.serve import make_server
-    _check_int("--port", args.port, 0, 65535)
-    _check_int("--max-tokens", args.max_tokens, 1)
+    _check("--port", args.port, 0, 65535)
+    _check("--max-tokens", args.max_tokens, 1)
     limits = Limits(args.request_timeout, args.max_connections, args.max_queue, args.max_body,
                     args.max_prompt_bytes, args.max_messages)
     limits.check()                              # before the model loads: a bad flag fails fast
