@@ -1,4 +1,4 @@
-"""The fine-tune commands and a user's --out folder: files that are not the run's own survive a
+"""The fine-tune commands, pretrain, and a user's --out folder: files that are not the run's own survive a
 run untouched, every file a run writes is one `check_out` refuses to overwrite, and the real CLI
 exits 2 with one line on bad data. Tiny model, tiny data: a few seconds each."""
 import json
@@ -21,7 +21,8 @@ SPAM = "".join(f"{'spam' if i % 2 else 'ham'}\ttext number {i}\n" for i in range
 OWN = {"finetune-classifier": ("classifier.json", "classifier.safetensors", "results.json",
                                "confusion.png"),
        "finetune-instruct": ("instruction-data-with-response.json",),
-       "finetune-dpo": ("dpo-responses.json",)}
+       "finetune-dpo": ("dpo-responses.json",),
+       "pretrain": ()}
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,28 @@ def test_bad_data_is_one_line_and_exit_2_from_the_real_cli(gpt, tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"{data}: not UTF-8 text" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == [".hidden", "data.csv", "mine", "notes.txt"]
+
+
+def test_pretrain_never_replaces_a_users_model_and_keeps_their_other_files(tmp_path, capsys):
+    data, model = tmp_path / "text.txt", tmp_path / "model.json"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    model.write_text(json.dumps({"n_layer": 1, "n_head": 2, "n_embd": 16}))
+    argv = ["pretrain", "--data", str(data), "--tokenizer", "char", "--model", str(model),
+            "--context-length", "16", "--batch-size", "2", "--max-steps", "1", "--eval-freq", "1",
+            "--eval-iter", "1", "--sample-tokens", "0", "--quiet"]
+    theirs = tmp_path / "their-model"
+    user_folder(theirs)
+    for name in ("model.safetensors", "config.json"):
+        (theirs / name).write_bytes(b"a user's " + name.encode())
+    assert cli.main([*argv, "--out", str(theirs)]) == 2
+    assert "already holds config.json, model.safetensors" in capsys.readouterr().err
+    assert (theirs / "model.safetensors").read_bytes() == b"a user's model.safetensors"
+    assert sorted(p.name for p in theirs.iterdir()) == sorted(
+        [".hidden", "config.json", "data.csv", "mine", "model.safetensors", "notes.txt"])
+    out = tmp_path / "out"
+    users = user_folder(out)
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    check_run(out, "pretrain", users)
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(out)]) == 2                  # its own run: resume it
+    assert "already holds a checkpoint" in capsys.readouterr().err

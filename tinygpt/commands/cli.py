@@ -298,6 +298,8 @@ def _pretrain(args, ctx) -> int:
     from tinygpt.hub.gpt2 import config_from_json
     from tinygpt.hub.pretrained import save_pretrained
     from tinygpt.core.validate import check_number
+    from tinygpt.training.checkpoint import RECORD
+    from tinygpt.commands import check_out
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.dropout is not None:
         check_number("--dropout", args.dropout, 0.0, 1.0, hi_open=True)
@@ -307,6 +309,8 @@ def _pretrain(args, ctx) -> int:
         cfg, model_cfg, data, tokenizer = _resumed_run(args, given)
     else:
         cfg = TrainConfig(**{"out_dir": "runs/pretrain", **given})
+        if not (Path(cfg.out_dir) / RECORD).exists():    # a run's folder: "resume it" comes later
+            check_out(cfg.out_dir)                       # a user's model there is never replaced
         model_cfg, data, tokenizer = None, args.data, args.tokenizer or "gpt2"
     if data is None:
         data = _pretrain_text()
