@@ -222,6 +222,27 @@ def test_too_slow_judge_is_retried_then_one_line(judge):
     assert waits == [0.5, 1.0] and "\n" not in str(e.value) and len(fake.requests) == 3
 
 
+def test_a_name_lookup_that_hangs_ends_within_the_timeout(monkeypatch):
+    """getaddrinfo ignores socket timeouts (a dead DNS server hangs it for minutes): the
+    connection is given up on at --timeout all the same, and tried again as a time-out."""
+    import socket
+    release, lookups = threading.Event(), []
+
+    def hanging_lookup(host, *args, **kwargs):
+        lookups.append(host)
+        release.wait(30)
+        raise socket.gaierror("released by the test")
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    start = time.monotonic()
+    try:
+        with pytest.raises(JudgeError, match=r"no whole answer within 0.3 s \(2 tries\)"):
+            query_with_retries("p", url="http://judge.example:8080", timeout=0.3, retries=1,
+                               backoff=0.0)
+    finally:
+        release.set()
+    assert time.monotonic() - start < 5 and lookups == ["judge.example"] * 2
+
+
 def test_server_errors_are_retried(judge):
     answers = iter([(503, ['{"error": "loading model"}']), ollama_says("42")])
     fake = judge(lambda body: next(answers))

@@ -15,8 +15,9 @@ Wire formats:
 - OpenAI-compatible, `POST /v1/chat/completions` (llama.cpp, vLLM, `tinygpt serve`, ...): the
   answer is `choices[0].message.content`.
 
-One request (`query`) gets `timeout` seconds for the whole answer, connecting, headers and every
-byte of the body: a watchdog timer cuts the connection when they are up, so a judge that sends a
+One request (`query`) gets `timeout` seconds for the whole answer, connecting (the name lookup
+included), headers and every byte of the body (`http_client.py`): a watchdog timer cuts the
+connection when they are up, so a judge that sends a
 byte every few seconds, or a stream that never ends, cannot hold a run. Redirects are never
 followed: the request, and the API key with it, goes only to the address given. At most
 `MAX_ANSWER_BYTES` are read.
@@ -35,20 +36,18 @@ on. `scoring="expected"` also reads the score's top log-probabilities (an expect
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import email.utils
 import http.client
 import json
 import math
-import socket
-import threading
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from tinygpt.apps.http_client import Deadline, Watchdog, connect, connection
 from tinygpt.apps.scoring import expected_score, parse_score, structured_fields
 from tinygpt.core.validate import check_number
 from tinygpt.text.templates import format_input
@@ -61,7 +60,6 @@ OLLAMA_URL = "http://127.0.0.1:11434"
 OLLAMA_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}     # the book's
 ENDPOINTS = {"ollama": "/api/chat", "openai": "/v1/chat/completions"}
 RESPONSE_KEY = "model_response"      # the book's name for the fine-tuned model's answer
-LOOPBACK = ("127.0.0.1", "localhost", "::1")   # a judge on this machine is never reached by proxy
 
 MAX_TIMEOUT = 3600.0          # seconds for one answer
 MAX_RETRIES = 10              # tries after the first
@@ -80,10 +78,6 @@ class _Retryable(OSError):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
-
-
-class _Deadline(TimeoutError):
-    """No whole answer within the time allowed."""
 
 
 @dataclass
@@ -194,14 +188,14 @@ def _post(target: str, data: bytes, headers: dict, timeout: float,
     deadline `timeout` seconds from now: a timer then shuts the socket down, which ends any
     read at once, and the answer is a time-out however much of it came. `asked` is (model,
     api, structured), for the messages of a refusal."""
-    conn, path, proxy_headers = _connection(urllib.parse.urlsplit(target), timeout)
-    watchdog, response = _Watchdog(timeout), None
+    conn, path, proxy_headers = connection(urllib.parse.urlsplit(target), timeout)
+    watchdog, response = Watchdog(timeout), None
     try:
         try:
-            conn.connect()
+            connect(conn, timeout)
             watchdog.watch(conn.sock)       # held here: conn lets go of it after the headers
             if watchdog.fired:
-                raise _Deadline(f"no whole answer within {timeout:g} s")
+                raise Deadline(f"no whole answer within {timeout:g} s")
             conn.request("POST", path, body=data, headers={**headers, **proxy_headers})
             response = conn.getresponse()
             if not 200 <= response.status < 300:
@@ -209,68 +203,15 @@ def _post(target: str, data: bytes, headers: dict, timeout: float,
             yield _lines(response, target)
         except Exception:
             if watchdog.fired:
-                raise _Deadline(f"no whole answer within {timeout:g} s") from None
+                raise Deadline(f"no whole answer within {timeout:g} s") from None
             raise
         if watchdog.fired:                       # the answer may look complete but was cut
-            raise _Deadline(f"no whole answer within {timeout:g} s")
+            raise Deadline(f"no whole answer within {timeout:g} s")
     finally:
         watchdog.cancel()
         if response is not None:
             response.close()
         conn.close()
-
-
-class _Watchdog:
-    """Shuts the socket it watches down after `seconds` unless cancelled first; `fired` says if
-    it did. A shut-down socket makes a blocked read return at once (end of file)."""
-
-    def __init__(self, seconds: float):
-        self.sock, self.fired = None, False
-        self.timer = threading.Timer(seconds, self._fire)
-        self.timer.daemon = True
-        self.timer.start()
-
-    def watch(self, sock: socket.socket) -> None:
-        self.sock = sock
-        if self.fired:                        # it found no socket to shut down: now
-            self._fire()
-
-    def _fire(self) -> None:
-        self.fired = True
-        sock = self.sock
-        if sock is not None:
-            try:                              # the plain socket's shutdown, also under TLS
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cancel(self) -> None:
-        self.timer.cancel()
-
-
-def _connection(parts: urllib.parse.SplitResult,
-                timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
-    """(connection, request path, extra headers) to the judge: direct, or through the proxy the
-    environment names (http_proxy, https_proxy, no_proxy) as urllib would; a judge on this
-    machine always directly. Through a proxy, plain http asks it for the full URL (with the
-    proxy's credentials as a header); https tunnels to the judge (CONNECT)."""
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    proxy = None
-    if parts.hostname not in LOOPBACK and not urllib.request.proxy_bypass(parts.hostname):
-        proxy = urllib.request.getproxies().get(parts.scheme)
-    if not proxy:
-        return kind(parts.hostname, parts.port, timeout=timeout), path, {}
-    p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    auth = {}
-    if p.username:
-        user = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
-        auth = {"Proxy-Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
-    conn = kind(p.hostname, p.port, timeout=timeout)
-    if parts.scheme == "https":
-        conn.set_tunnel(parts.hostname, parts.port, headers=auth)
-        return conn, path, {}
-    return conn, urllib.parse.urlunsplit(parts), auth
 
 
 def _lines(response: http.client.HTTPResponse, target: str) -> Iterator[bytes]:
@@ -428,7 +369,7 @@ def retry_wait(attempt: int, backoff: float, retry_after: float | None = None) -
 def _gave_up(e: Exception, target: str, api: str, model: str, tries: int,
              timeout: float) -> str:
     times = f"{tries} {'try' if tries == 1 else 'tries'}"
-    if isinstance(e, _Deadline):
+    if isinstance(e, Deadline):
         return (f"the judge at {target} gave no whole answer within {timeout:g} s ({times}); "
                 "a slow judge needs a larger --timeout")
     if isinstance(e, _Retryable):
