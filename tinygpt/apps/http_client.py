@@ -71,7 +71,7 @@ class Watchdog:
 
 
 def connection(parts: urllib.parse.SplitResult,
-                timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
+               timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
     """(connection, request path, extra headers) to the judge: direct, or through the proxy the
     environment names (http_proxy, https_proxy, no_proxy) as urllib would; a judge on this
     machine always directly. Through a proxy, plain http asks it for the full URL (with the

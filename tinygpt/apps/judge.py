@@ -17,10 +17,9 @@ Wire formats:
 
 One request (`query`) gets `timeout` seconds for the whole answer, connecting (the name lookup
 included), headers and every byte of the body (`http_client.py`): a watchdog timer cuts the
-connection when they are up, so a judge that sends a
-byte every few seconds, or a stream that never ends, cannot hold a run. Redirects are never
-followed: the request, and the API key with it, goes only to the address given. At most
-`MAX_ANSWER_BYTES` are read.
+connection when they are up, so a judge that sends a byte every few seconds, or a stream that
+never ends, cannot hold a run. Redirects are never followed: the request, and the API key with
+it, goes only to the address given. At most `MAX_ANSWER_BYTES` are read.
 
 `query_with_retries` asks again after a failed connection, a time-out, HTTP 429 or 5xx, waiting
 backoff, 2 x backoff, 4 x backoff, ... seconds (or the server's Retry-After, if longer), each wait
