@@ -141,3 +141,51 @@ def test_packed_generation_runs_on_the_numpy_twins_without_numba():
             "assert (a == b).all(), (a, b)")
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "TINYGPT_NUMBA": "0"},
                    check=True)
+
+
+@given(M=dims, O=st.integers(1, 40), blocks=st.integers(1, 4), seed=st.integers(0, 999))
+def test_int8_activation_kernels_agree_with_twins_and_definition(M, O, blocks, seed):
+    """Q8_0 activations: the twins agree bit for bit on the quantization, and the int8 x int8 and
+    4-bit x int8 products equal the float64 product of the rounded activations and the weights."""
+    rng = _rng(seed)
+    I = 32 * blocks
+    x = (rng.standard_normal((M, I)) * rng.choice([1e-3, 1, 50], (M, I))).astype(np.float32)
+    x[0, :32] = 0.0                                              # an all-zero block: scale 0
+    quantized = dk.quantize_q8_0_numba(x)
+    for mine, twin in zip(quantized, dk.quantize_q8_0_ref(x)):
+        assert mine.dtype == twin.dtype
+        np.testing.assert_array_equal(mine, twin)
+    xq, xs, xsum = quantized
+    rounded = (xq.astype(np.float64).reshape(M, blocks, 32) * xs[:, :, None]).reshape(M, I)
+    assert np.abs(rounded - x).max() <= np.abs(x).max() / 254 * 1.0001     # half a step at most
+    np.testing.assert_array_equal(xsum, xq.reshape(M, blocks, 32).sum(axis=-1))
+    w = rng.standard_normal((O, I)).astype(np.float32)
+    for group in (None, 32):
+        q, scale = dk.quantize_int8(w, group)
+        want = rounded @ dk.dequantize_i8_ref(q, scale).astype(np.float64).T
+        for kernel in (dk.matvec_i8_q8_numba, dk.matvec_i8_q8_ref):
+            np.testing.assert_allclose(kernel(q, scale, xq, xs), want, rtol=1e-4, atol=1e-3)
+    codes = rng.integers(0, 256, (O, I // 2), dtype=np.uint8)
+    d, mn = (rng.standard_normal((O, blocks)).astype(np.float32) for _ in range(2))
+    want = rounded @ dk.dequantize_q4_ref(codes, d, mn).astype(np.float64).T
+    for kernel in (dk.matvec_q4_q8_numba, dk.matvec_q4_q8_ref):
+        np.testing.assert_allclose(kernel(codes, d, mn, xq, xs, xsum), want, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(dk.dequantize_q4_numba(codes, d, mn), dk.dequantize_q4_ref(codes, d, mn),
+                               rtol=TWIN32_RTOL, atol=TWIN32_ATOL)
+    np.testing.assert_array_equal(dk.dequantize_i8_numba(q, scale), dk.dequantize_i8_ref(q, scale))
+
+
+def test_int8_activations_agree_between_one_row_and_many():
+    """A packed weight with int8 activations gives (to float32 rounding) the same product for a
+    row decoded alone (int8 x int8 kernel) as inside a prompt (the rounded row, float kernel)."""
+    from tinygpt.inference.pack import DEQUANTIZE_MIN_ROWS, set_activations
+    model = set_activations(pack_for_inference(_tiny_gpt(), "int8"), "int8")
+    rng = _rng(3)
+    for packed in (model.h[0].attn.c_attn.packed, model.h[1].mlp.c_proj.packed):
+        assert packed.activations == "int8"
+        x = rng.standard_normal((DEQUANTIZE_MIN_ROWS + 1, packed.shape[1])).astype(np.float32)
+        alone = np.concatenate([packed.matmul(row[None]) for row in x])
+        np.testing.assert_allclose(packed.matmul(x), alone, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(alone, x @ packed.dense().T, rtol=1e-7, atol=1e-7)  # x was rounded
+    with pytest.raises(ValueError, match="activations must be one of"):
+        set_activations(model, "int4")

@@ -1,7 +1,7 @@
 """Generation speed, memory and quality: tinygpt's weight modes against PyTorch on the same weights.
 
     python -m tinygpt.bench generate [--model DIR|FILE.gguf] [--prompt-tokens 16] [--new-tokens 128]
-                                     [--modes blas,float32,int8,gguf] [--ppl TEXT]
+                                     [--modes blas,float32,int8,int8x8,gguf,ggufx8] [--ppl TEXT]
 
 Batch 1, greedy, KV-cached. Without --model, a randomly initialised 124M GPT-2 (preset gpt2 with
 qkv bias and tied head) is written to a temporary directory first, so every run also times the
@@ -10,7 +10,9 @@ real loading path. A .gguf --model is a Llama (SmolLM2-135M in ../shared). tinyg
     blas      the training layout, every product through BLAS (what generation did before)
     float32   weights packed (out, in) once while loading, numba matrix-vector kernels
     int8      the same with int8 weights and a float32 scale per row
+    int8x8    int8 weights times int8 activations (Q8_0 blocks of 32, int32 dot products)
     gguf      a .gguf file's own Q8_0 / Q4_1 blocks kept quantized
+    ggufx8    those blocks times int8 activations, as llama.cpp runs them
 
 Each run is its own subprocess, so its peak resident memory (`ru_maxrss`) is its own. PyTorch, if
 importable, runs `torch_reference.py`'s GPT-2 or Llama (2 threads) on the very same float32
@@ -33,7 +35,7 @@ import time
 
 import numpy as np
 
-MODES = ("blas", "float32", "int8", "gguf")
+MODES = ("blas", "float32", "int8", "int8x8", "gguf", "ggufx8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare(args, model: str) -> int:
     gguf = model.endswith(".gguf")
-    modes = args.modes.split(",") if args.modes else [m for m in MODES if m != "gguf" or gguf]
+    modes = args.modes.split(",") if args.modes else [m for m in MODES
+                                                      if not m.startswith("gguf") or gguf]
     results = {mode: _child(mode, args, model) for mode in modes}
     if not args.no_torch and _has_torch():
         results["torch"] = _child("torch", args, model)
@@ -157,8 +160,13 @@ def _run_child(args) -> dict:
 
 def _load(args, mode: str):
     from tinygpt.hub.pretrained import load_pretrained
-    pack = {"blas": None}.get(mode, mode)
-    return load_pretrained(args.model, download=False, pack=pack)
+    from tinygpt.inference.pack import set_activations
+    weights = mode.removesuffix("x8")
+    model, tok = load_pretrained(args.model, download=False,
+                                 pack={"blas": None}.get(weights, weights))
+    if mode.endswith("x8"):
+        set_activations(model, "int8")
+    return model, tok
 
 
 def _run_tinygpt(args) -> dict:

@@ -21,7 +21,12 @@ from tinygpt.core import runtime
 from tinygpt.models.nn import Embedding, Linear, Module
 
 QUANTIZE = (None, "int8")
+ACTIVATIONS = ("float32", "int8")
 BLAS_MIN_ROWS = 32        # a float32 prefill this long is faster through BLAS than row dots
+# a 4-bit product of this many rows (a perplexity window, a long prompt) dequantizes its weight
+# into a float32 temporary and runs BLAS; fewer rows (a short prompt) decode each weight row once
+# in the kernel and dot it with every row of x
+DEQUANTIZE_MIN_ROWS = 64
 
 
 class PackedWeight:
@@ -30,7 +35,13 @@ class PackedWeight:
     kind "f32": w (O, I) float32; "i8": q (O, I) int8 with scale (O, I / G) float32;
     "q4": codes (O, I / 2) uint8 with d and mn (O, I / 32) float32 (GGUF Q4_1's order).
     `matmul(x)` is x @ W^T for x (M, I); `rows(idx)` dequantizes rows (embedding lookup).
+
+    `activations` "int8" (a quantized kind, I a multiple of 32) quantizes x to Q8_0 blocks first,
+    as llama.cpp does, and multiplies int8 by int8 (`set_activations`); a product of many rows
+    multiplies those same rounded inputs by the float weights instead, so prompt and decode agree.
     """
+
+    activations = "float32"
 
     def __init__(self, kind: str, arrays: tuple[np.ndarray, ...]):
         self.kind, self.arrays = kind, arrays
@@ -70,12 +81,28 @@ class PackedWeight:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x (M, I) float32 -> x @ W^T (M, O)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        M = x.shape[0]
         if self.kind == "f32":
             w = self.arrays[0]
-            return x @ w.T if x.shape[0] >= BLAS_MIN_ROWS else dk.matvec_f32(w, x)
+            return x @ w.T if M >= BLAS_MIN_ROWS else dk.matvec_f32(w, x)
+        if self.activations == "int8":
+            xq, xs, xsum = dk.quantize_q8_0(x)
+            if M == 1:
+                if self.kind == "i8":
+                    return dk.matvec_i8_q8(*self.arrays, xq, xs)
+                return dk.matvec_q4_q8(*self.arrays, xq, xs, xsum)
+            x = (xq.reshape(M, -1, dk.GROUP) * xs[:, :, None]).reshape(M, -1)   # the rounded x
         if self.kind == "i8":
             return dk.matvec_i8(*self.arrays, x)
+        if M >= DEQUANTIZE_MIN_ROWS:
+            return x @ self.dense().T
         return dk.matvec_q4(*self.arrays, x)
+
+    def dense(self) -> np.ndarray:
+        """The weights as a new float32 (O, I) array."""
+        if self.kind == "f32":
+            return self.arrays[0].copy()
+        return (dk.dequantize_i8 if self.kind == "i8" else dk.dequantize_q4)(*self.arrays)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Dequantized rows idx (...) -> (..., I)."""
@@ -83,15 +110,24 @@ class PackedWeight:
         if self.kind == "f32":
             out = self.arrays[0][flat]
         elif self.kind == "i8":
-            q, scale = self.arrays
-            G = q.shape[1] // scale.shape[1]
-            out = (q[flat].reshape(len(flat), -1, G) * scale[flat][:, :, None]).reshape(len(flat), -1)
+            out = dk.dequantize_i8_ref(*(a[flat] for a in self.arrays))
         else:
-            codes, d, mn = (a[flat] for a in self.arrays)
-            c = codes.reshape(len(flat), -1, dk.GROUP // 2)
-            q = np.concatenate([c & 0x0F, c >> 4], axis=-1).astype(np.float32)
-            out = (q * d[:, :, None] + mn[:, :, None]).reshape(len(flat), -1)
+            out = dk.dequantize_q4_ref(*(a[flat] for a in self.arrays))
         return out.astype(np.float32, copy=False).reshape(*np.shape(idx), self.shape[1])
+
+
+def set_activations(model: Module, activations: str) -> Module:
+    """How every quantized packed weight of `model` meets its input: "float32" (the weights are
+    decoded to float32 in the dot products) or "int8" (the input is quantized to Q8_0 blocks and
+    the dot products are int8 x int8 -> int32). Weights whose row length is not a multiple of 32
+    stay float32. Returns the model."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    for module in model.modules():
+        packed = getattr(module, "packed", None)
+        if packed is not None and packed.kind != "f32" and packed.shape[1] % dk.GROUP == 0:
+            packed.activations = activations
+    return model
 
 
 def pack_module(module: Module, quantize: str | None = None) -> None:
