@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tinygpt.autograd.tensor import no_grad
+from tinygpt.inference import step
 from tinygpt.models.gpt import GPT, check_token_ids
 from tinygpt.models.nn import KVCache
 from tinygpt.core.validate import check_number
@@ -59,10 +60,13 @@ def _check_args(model: GPT, idx: np.ndarray, max_new_tokens: int, temperature: f
     return idx.astype(np.int64), 0.0 if temperature < MIN_TEMPERATURE else float(temperature)
 
 
-def next_token_logits(model: GPT, seq: np.ndarray, cache: KVCache | None) -> tuple:
+def next_token_logits(model: GPT, seq: np.ndarray, cache: KVCache | None,
+                      fast: bool | None = None) -> tuple:
     """Logits (B, V) for the token after `seq` (B, T), and the cache to use next time.
 
-    With `cache=None` the context is cropped to `block_size` and run whole.
+    With `cache=None` the context is cropped to `block_size` and run whole. A one-token step of
+    a packed model runs `step.decode` (the same logits without the autograd layer); `fast` is
+    `step.supports(model)` when the caller knows it already (a loop asks once, not per token).
     """
     block = model.config.block_size
     with no_grad():
@@ -71,6 +75,8 @@ def next_token_logits(model: GPT, seq: np.ndarray, cache: KVCache | None) -> tup
         if seq.shape[1] > block or cache.length == 0 or cache.length >= seq.shape[1]:
             cache = model.new_cache(seq.shape[0])           # (re)fill from the cropped window
             return model(seq[:, -block:], cache=cache).data[:, -1, :], cache
+        if seq.shape[1] - cache.length == 1 and (step.supports(model) if fast is None else fast):
+            return step.decode(model, seq[:, -1:], cache), cache
         return model(seq[:, cache.length:], cache=cache).data[:, -1, :], cache
 
 
@@ -122,9 +128,10 @@ def _stream(model: GPT, seq: np.ndarray, max_new_tokens: int, temperature: float
     model.eval()
     cache = model.new_cache(seq.shape[0]) if use_cache else None
     done = np.zeros(seq.shape[0], dtype=bool)
+    fast = step.supports(model)
     try:
         for _ in range(max_new_tokens):
-            logits, cache = next_token_logits(model, seq, cache)
+            logits, cache = next_token_logits(model, seq, cache, fast)
             if logits_processor is not None:
                 logits = logits_processor(seq, logits)
             token = sample(logits, temperature, top_k, top_p, rng)

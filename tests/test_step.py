@@ -1,0 +1,53 @@
+"""`inference.step.decode` (one token on plain arrays) against the packed model's own forward pass:
+the same kernels in the same order, so the logits must be identical, not merely close."""
+import numpy as np
+import pytest
+
+from tinygpt import GPT, GPTConfig, no_grad
+from tinygpt.inference import step
+from tinygpt.inference.generate import generate
+from tinygpt.inference.pack import pack_for_inference, set_activations
+from tinygpt.models.llama import Llama, LlamaConfig
+
+
+def _models():
+    gpt = GPTConfig(vocab_size=60, block_size=32, n_layer=2, n_head=2, n_embd=32, qkv_bias=True)
+    llama = LlamaConfig(vocab_size=60, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
+                        n_embd=32, n_inner=64)
+    return {"gpt tied": lambda: GPT(GPTConfig(**{**gpt.__dict__, "tie_weights": True}), seed=1),
+            "gpt lm_head": lambda: GPT(gpt, seed=2),
+            "llama gqa": lambda: Llama(llama, seed=3)}
+
+
+@pytest.mark.parametrize("name", list(_models()))
+@pytest.mark.parametrize("weights", ["float32", "int8", "int8x8"])
+def test_a_step_gives_the_logits_of_the_forward_pass_bit_for_bit(name, weights):
+    model = pack_for_inference(_models()[name](), None if weights == "float32" else "int8")
+    if weights == "int8x8":
+        set_activations(model, "int8")
+    assert step.supports(model)
+    prompt = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    with no_grad():
+        ours, theirs = model.new_cache(2), model.new_cache(2)
+        model(prompt, cache=ours)
+        model(prompt, cache=theirs)
+        for t in range(8):
+            ids = np.array([[11 + t], [40 - t]])
+            want = model(ids, cache=theirs).data[:, -1]
+            got = step.decode(model, ids, ours)
+            np.testing.assert_array_equal(got, want)
+            assert ours.length == theirs.length == 6 + t
+            for layer in range(2):
+                np.testing.assert_array_equal(ours.k[layer][:, :, :ours.length],
+                                              theirs.k[layer][:, :, :theirs.length])
+
+
+def test_models_the_step_cannot_run_take_the_forward_pass():
+    model = _models()["gpt tied"]()
+    assert not step.supports(model)                          # not packed: it may be trained
+    packed = pack_for_inference(_models()["gpt tied"]())
+    packed.h[0].attn.record = []                             # someone is recording attention
+    assert not step.supports(packed)
+    prompt = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(generate(packed, prompt, 6), generate(model, prompt, 6))
+    assert len(packed.h[0].attn.record) == 6                 # every step went through the layer

@@ -1,0 +1,108 @@
+"""Decoding one token on plain arrays: a packed model's layers without the autograd layer.
+
+A packed model (`pack.py`) generates through the same modules that train, and every op of a
+token's forward pass becomes a Tensor made by a Function's `apply` (a Context, shape checks, a
+graph decision). For one token that bookkeeping costs more than the small ops themselves: 1.7 of
+12.9 ms per GPT-2 token went to the norms, adds and dispatch (`bench generate`, Zen 4). Here a
+step calls the **same kernels on the same arrays in the same order** and nothing else, so its
+logits are bit for bit those of `model(ids, cache=cache)` (tests/test_step.py checks):
+
+    GPT-2:  x = wte[id] + wpe[pos];  per block  h = ln_1(x);  x += c_proj(attn(c_attn(h)))
+                                                h = ln_2(x);  x += mlp.c_proj(gelu(c_fc(h)))
+    Llama:  x = embed[id];           per layer  h = rms(x);   x += o_proj(attn(rope(q, k), v))
+                                                h = rms(x);   x += down(silu(gate(h)) * up(h))
+    logits = norm_f(x) @ head
+
+Attention is `fused.MultiHeadAttention` / `fused.SelfAttention`'s forward itself (RoPE, the
+cache append and the one-query kernel over the cache), called with a scratch context.
+
+    python -m tinygpt.bench generate
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from tinygpt import kernels
+from tinygpt.autograd import fused
+from tinygpt.models.gpt import GPT, CausalLM
+from tinygpt.models.nn import Embedding, KVCache, Linear
+
+
+def supports(model: CausalLM) -> bool:
+    """True when `decode` can run this model: a GPT or a Llama in eval mode, every Linear packed,
+    float32, no attention record. (A walk over the modules: ask once per generation.)"""
+    from tinygpt.models.llama import Llama
+    if model.training or not isinstance(model, (GPT, Llama)):
+        return False
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if not linears or any(m.packed is None for m in linears):
+        return False
+    attn = [getattr(b, "attn", None) or getattr(b, "self_attn", None) for b in model.blocks()]
+    return all(a.record is None for a in attn) and all(
+        p.dtype == np.float32 for p in model.parameters())
+
+
+def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
+    """Logits (B, V) of the token after `idx` (B, 1), the step's keys and values appended to
+    `cache` (the caller checked that the position fits the context)."""
+    B = idx.shape[0]
+    start = cache.length
+    if isinstance(model, GPT):
+        x = _rows(model.wte, idx) + _rows(model.wpe, np.arange(start, start + 1))   # (B, 1, C)
+        for i, block in enumerate(model.h):
+            h = _layer_norm(x, block.ln_1)
+            qkv = _linear(block.attn.c_attn, h)
+            y = fused.MultiHeadAttention.forward(SimpleNamespace(), qkv, block.attn.n_head,
+                                                 cache, i)
+            x = x + _linear(block.attn.c_proj, y)
+            h = _linear(block.mlp.c_fc, _layer_norm(x, block.ln_2))
+            x = x + _linear(block.mlp.c_proj, kernels.gelu_forward(h.reshape(-1)).reshape(h.shape))
+        x = _layer_norm(x, model.ln_f)
+    else:
+        x = _rows(model.model.embed_tokens, idx)
+        for i, layer in enumerate(model.model.layers):
+            att = layer.self_attn
+            h = _rms_norm(x, layer.input_layernorm)
+            y = fused.SelfAttention.forward(SimpleNamespace(), _linear(att.q_proj, h),
+                                            _linear(att.k_proj, h), _linear(att.v_proj, h),
+                                            att.n_head, att.n_kv_head, cache, i,
+                                            rope=att.rotary.tables)
+            x = x + _linear(att.o_proj, y)
+            h = _rms_norm(x, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            a, b = _linear(mlp.gate_proj, h), _linear(mlp.up_proj, h)
+            x = x + _linear(mlp.down_proj, kernels.swiglu_forward(a.reshape(-1), b.reshape(-1)
+                                                                  ).reshape(a.shape))
+        x = _rms_norm(x, model.model.norm)
+    cache.length += 1
+    tied = model.tied_embedding()
+    head = tied.packed if tied is not None else model.lm_head.packed
+    if head is None:                                   # a tied head whose table is not packed
+        return x.reshape(B, -1) @ tied.weight.data.T
+    return head.matmul(x.reshape(B, -1))
+
+
+def _rows(embedding: Embedding, idx: np.ndarray) -> np.ndarray:
+    if embedding.packed is not None:
+        return embedding.packed.rows(idx)
+    return embedding.weight.data[idx]
+
+
+def _linear(layer: Linear, x: np.ndarray) -> np.ndarray:
+    """x @ W + b through the packed weight, as `nn.packed_product` computes it."""
+    y = layer.packed.matmul(x.reshape(-1, x.shape[-1]))
+    if layer.bias is not None:
+        y += layer.bias.data
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _layer_norm(x: np.ndarray, norm) -> np.ndarray:
+    return kernels.layer_norm_forward(x.reshape(-1, x.shape[-1]), norm.weight.data,
+                                      norm.bias.data, norm.eps)[0].reshape(x.shape)
+
+
+def _rms_norm(x: np.ndarray, norm) -> np.ndarray:
+    return kernels.rms_norm_forward(x.reshape(-1, x.shape[-1]), norm.weight.data,
+                                    norm.eps)[0].reshape(x.shape)
