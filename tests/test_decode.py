@@ -189,3 +189,24 @@ def test_int8_activations_agree_between_one_row_and_many():
         assert not np.allclose(alone, x @ packed.dense().T, rtol=1e-7, atol=1e-7)  # x was rounded
     with pytest.raises(ValueError, match="activations must be one of"):
         set_activations(model, "int4")
+
+
+@given(B=st.integers(1, 2), KV=st.integers(1, 3), group=st.integers(1, 3), pos=st.integers(0, 5),
+       rotate=st.booleans(), seed=st.integers(0, 999))
+def test_rope_append_twins_agree_bit_for_bit(B, KV, group, pos, rotate, seed):
+    from tinygpt.autograd.fused import _rotate, rope_tables
+    rng = _rng(seed)
+    NH, HS = KV * group, 8
+    qkv = rng.standard_normal((B, (NH + 2 * KV) * HS)).astype(np.float32)
+    cos, sin = rope_tables(HS, 6)
+    caches = [[np.zeros((B, KV, 6, HS), np.float32) for _ in range(2)] for _ in range(2)]
+    q = [kernel(qkv, NH, KV, cos, sin, pos, *cache, rotate) for kernel, cache in
+         zip((dk.rope_append_numba, dk.rope_append_ref), caches)]
+    np.testing.assert_array_equal(q[0], q[1])
+    np.testing.assert_array_equal(caches[0][0], caches[1][0])
+    np.testing.assert_array_equal(caches[0][1], caches[1][1])
+    want_q = qkv[:, :NH * HS].reshape(B, NH, 1, HS)
+    if rotate:                                         # the layer's own rotation, to the bit
+        want_q = _rotate(want_q, cos[pos:pos + 1], sin[pos:pos + 1])
+    np.testing.assert_array_equal(q[0], want_q[:, :, 0])
+    np.testing.assert_array_equal(caches[0][1][:, :, pos].reshape(B, -1), qkv[:, (NH + KV) * HS:])

@@ -51,3 +51,27 @@ def test_models_the_step_cannot_run_take_the_forward_pass():
     prompt = np.array([[1, 2, 3]])
     np.testing.assert_array_equal(generate(packed, prompt, 6), generate(model, prompt, 6))
     assert len(packed.h[0].attn.record) == 6                 # every step went through the layer
+
+
+def test_llama_projections_run_stacked_without_a_second_copy():
+    """q, k, v (and gate, up) become one weight whose rows the layers' own weights are views of;
+    where the kinds differ nothing is stacked, and both ways give the forward pass's logits."""
+    from tinygpt.inference.pack import PackedWeight
+    for mixed in (False, True):
+        model = pack_for_inference(_models()["llama gqa"](), "int8")
+        att = model.model.layers[0].self_attn
+        if mixed:                                   # a float32 key projection beside int8 ones
+            att.k_proj.packed = PackedWeight("f32", (att.k_proj.packed.dense(),))
+        prompt, ids = np.array([[1, 2, 3]]), np.array([[4]])
+        with no_grad():
+            ours, theirs = model.new_cache(1), model.new_cache(1)
+            model(prompt, cache=ours)
+            model(prompt, cache=theirs)
+            got = step.decode(model, ids, ours)
+            np.testing.assert_array_equal(got, model(ids, cache=theirs).data[:, -1])
+        qkv, gate_up = model.decode_plan[0]
+        assert (qkv is None) == mixed and gate_up is not None
+        assert np.shares_memory(gate_up.arrays[0], model.model.layers[0].mlp.up_proj.packed.arrays[0])
+        if not mixed:
+            assert qkv.shape == (4 * 8 + 2 * 2 * 8, 32)
+            assert np.shares_memory(qkv.arrays[0], att.v_proj.packed.arrays[0])

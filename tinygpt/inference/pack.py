@@ -74,6 +74,28 @@ class PackedWeight:
                               np.ascontiguousarray(dm[:, :, 1])))
         return cls("f32", (np.ascontiguousarray(dequantize(tensor), dtype=np.float32),))
 
+    @classmethod
+    def stacked(cls, parts: list[PackedWeight]) -> PackedWeight | None:
+        """One weight whose rows are the rows of `parts` in order (their outputs side by side),
+        so one kernel call does several products that share an input (Llama's q, k and v). Each
+        part's arrays are then replaced by views of the stacked ones: no second copy stays.
+        None when the parts differ in kind, row length or activations."""
+        first = parts[0]
+        if any(p.kind != first.kind or p.shape[1] != first.shape[1] or
+               p.activations != first.activations or
+               [a.shape[1:] for a in p.arrays] != [a.shape[1:] for a in first.arrays]
+               for p in parts):
+            return None
+        arrays = tuple(np.concatenate(column) for column in zip(*(p.arrays for p in parts)))
+        start = 0
+        for p in parts:
+            rows = p.arrays[0].shape[0]
+            p.arrays = tuple(a[start:start + rows] for a in arrays)
+            start += rows
+        whole = cls(first.kind, arrays)
+        whole.activations = first.activations
+        return whole
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
@@ -127,6 +149,7 @@ def set_activations(model: Module, activations: str) -> Module:
         packed = getattr(module, "packed", None)
         if packed is not None and packed.kind != "f32" and packed.shape[1] % dk.GROUP == 0:
             packed.activations = activations
+    model.decode_plan = None               # stacked weights (inference/step.py) are rebuilt
     return model
 
 

@@ -13,19 +13,19 @@ logits are bit for bit those of `model(ids, cache=cache)` (tests/test_step.py ch
                                                 h = rms(x);   x += down(silu(gate(h)) * up(h))
     logits = norm_f(x) @ head
 
-Attention is `fused.MultiHeadAttention` / `fused.SelfAttention`'s forward itself (RoPE, the
-cache append and the one-query kernel over the cache), called with a scratch context.
+Attention is two kernel calls: `rope_append` (RoPE on q and k, the key and value into the
+cache) and `attend_one`. Llama's q, k, v products run as one call on their stacked rows, and so do
+gate and up (`PackedWeight.stacked`): each output row is the same dot product either way.
 
     python -m tinygpt.bench generate
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from tinygpt import kernels
-from tinygpt.autograd import fused
+from tinygpt.inference.pack import PackedWeight
+from tinygpt.kernels import decode as dk
 from tinygpt.models.gpt import GPT, CausalLM
 from tinygpt.models.nn import Embedding, KVCache, Linear
 
@@ -47,32 +47,31 @@ def supports(model: CausalLM) -> bool:
 def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
     """Logits (B, V) of the token after `idx` (B, 1), the step's keys and values appended to
     `cache` (the caller checked that the position fits the context)."""
-    B = idx.shape[0]
-    start = cache.length
+    B, pos = idx.shape[0], cache.length
     if isinstance(model, GPT):
-        x = _rows(model.wte, idx) + _rows(model.wpe, np.arange(start, start + 1))   # (B, 1, C)
+        x = _rows(model.wte, idx)[:, 0] + _rows(model.wpe, np.arange(pos, pos + 1))   # (B, C)
         for i, block in enumerate(model.h):
-            h = _layer_norm(x, block.ln_1)
-            qkv = _linear(block.attn.c_attn, h)
-            y = fused.MultiHeadAttention.forward(SimpleNamespace(), qkv, block.attn.n_head,
-                                                 cache, i)
+            qkv = _linear(block.attn.c_attn, _layer_norm(x, block.ln_1))
+            y = _attend(qkv, block.attn.n_head, block.attn.n_head, None, cache, i, pos)
             x = x + _linear(block.attn.c_proj, y)
             h = _linear(block.mlp.c_fc, _layer_norm(x, block.ln_2))
             x = x + _linear(block.mlp.c_proj, kernels.gelu_forward(h.reshape(-1)).reshape(h.shape))
         x = _layer_norm(x, model.ln_f)
     else:
-        x = _rows(model.model.embed_tokens, idx)
-        for i, layer in enumerate(model.model.layers):
-            att = layer.self_attn
+        x = _rows(model.model.embed_tokens, idx)[:, 0]
+        for i, (layer, (qkv_w, gate_up_w)) in enumerate(zip(model.model.layers, _plan(model))):
+            att, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(x, layer.input_layernorm)
-            y = fused.SelfAttention.forward(SimpleNamespace(), _linear(att.q_proj, h),
-                                            _linear(att.k_proj, h), _linear(att.v_proj, h),
-                                            att.n_head, att.n_kv_head, cache, i,
-                                            rope=att.rotary.tables)
+            qkv = qkv_w.matmul(h) if qkv_w is not None else np.concatenate(
+                [_linear(att.q_proj, h), _linear(att.k_proj, h), _linear(att.v_proj, h)], axis=-1)
+            y = _attend(qkv, att.n_head, att.n_kv_head, att.rotary.tables, cache, i, pos)
             x = x + _linear(att.o_proj, y)
             h = _rms_norm(x, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            a, b = _linear(mlp.gate_proj, h), _linear(mlp.up_proj, h)
+            if gate_up_w is not None:
+                a, b = np.split(gate_up_w.matmul(h), 2, axis=-1)
+                a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+            else:
+                a, b = _linear(mlp.gate_proj, h), _linear(mlp.up_proj, h)
             x = x + _linear(mlp.down_proj, kernels.swiglu_forward(a.reshape(-1), b.reshape(-1)
                                                                   ).reshape(a.shape))
         x = _rms_norm(x, model.model.norm)
@@ -80,8 +79,37 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
     tied = model.tied_embedding()
     head = tied.packed if tied is not None else model.lm_head.packed
     if head is None:                                   # a tied head whose table is not packed
-        return x.reshape(B, -1) @ tied.weight.data.T
-    return head.matmul(x.reshape(B, -1))
+        return x @ tied.weight.data.T
+    return head.matmul(x)
+
+
+def _plan(model: CausalLM) -> list[tuple]:
+    """Per Llama layer, (q, k, v) and (gate, up) stacked into one weight each, where their kinds
+    allow (`PackedWeight.stacked`): 4 kernel calls per layer instead of 7. Built on the first
+    step and kept on the model (`set_activations` drops it)."""
+    plan = getattr(model, "decode_plan", None)
+    if plan is None:
+        plan = [(PackedWeight.stacked([layer.self_attn.q_proj.packed, layer.self_attn.k_proj.packed,
+                                       layer.self_attn.v_proj.packed]),
+                 PackedWeight.stacked([layer.mlp.gate_proj.packed, layer.mlp.up_proj.packed]))
+                for layer in model.model.layers]
+        model.decode_plan = plan
+    return plan
+
+
+def _attend(qkv: np.ndarray, n_head: int, n_kv_head: int, rope, cache: KVCache, layer: int,
+            pos: int) -> np.ndarray:
+    """The new token's query over the cache: qkv (B, (NH + 2 KV) HS) -> (B, NH HS). Its key and
+    value go into the cache at `pos`, RoPE-rotated (when `rope` is given) as the layer would."""
+    cache.reserve(layer, pos + 1)
+    k, v = cache.k[layer], cache.v[layer]
+    cos, sin = rope if rope is not None else (_NO_TABLE, _NO_TABLE)
+    q = dk.rope_append(np.ascontiguousarray(qkv), n_head, n_kv_head, cos, sin, pos, k, v,
+                       rope is not None)
+    return dk.attend_one(q, k, v, pos + 1).reshape(qkv.shape[0], -1)
+
+
+_NO_TABLE = np.zeros((1, 1), np.float32)
 
 
 def _rows(embedding: Embedding, idx: np.ndarray) -> np.ndarray:

@@ -84,6 +84,27 @@ def attend_one_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int) -> 
     return np.einsum("bhl,bhld->bhd", p, vv).astype(q.dtype, copy=False)
 
 
+def rope_append_ref(qkv: np.ndarray, n_head: int, n_kv_head: int, cos: np.ndarray,
+                    sin: np.ndarray, pos: int, k_cache: np.ndarray, v_cache: np.ndarray,
+                    rotate: bool) -> np.ndarray:
+    """One token's fused projection qkv (B, (NH + 2 KV) HS) -> its query (B, NH, HS); its key and
+    value are written into the caches (B, KV, capacity, HS) at `pos`. With `rotate`, q and k turn
+    by RoPE at `pos` (cos, sin: (positions, HS)), x cos + rotate_half(x) sin, rounded as
+    `autograd.fused._rotate` rounds it."""
+    B = qkv.shape[0]
+    HS = k_cache.shape[3]
+    q = qkv[:, :n_head * HS].reshape(B, n_head, HS)
+    k = qkv[:, n_head * HS:(n_head + n_kv_head) * HS].reshape(B, n_kv_head, HS)
+    v = qkv[:, (n_head + n_kv_head) * HS:].reshape(B, n_kv_head, HS)
+    if rotate:
+        c, s, half = cos[pos], sin[pos], HS // 2
+        q, k = (x * c + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * s
+                for x in (q, k))
+    k_cache[:, :, pos] = k
+    v_cache[:, :, pos] = v
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
 def quantize_q8_0_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q8_0 activations: x (M, I) float32 -> xq (M, I) int8, xs (M, I / 32) float32 with
     xs = max |x| / 127 over each block of 32 and xq = rint(x * (1 / xs)), and xsum (M, I / 32) int32,
@@ -222,6 +243,33 @@ def _matvec_q4_rows(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, x: np.ndar
                     acc += w[i] * xm[i]
                 y[m, o] = acc
     return y
+
+
+@njit(cache=True)                # no fastmath: no fused multiply-add, so it rounds as NumPy does
+def rope_append_numba(qkv: np.ndarray, n_head: int, n_kv_head: int, cos: np.ndarray,
+                      sin: np.ndarray, pos: int, k_cache: np.ndarray, v_cache: np.ndarray,
+                      rotate: bool) -> np.ndarray:
+    B = qkv.shape[0]
+    HS = k_cache.shape[3]
+    half = HS // 2
+    q = np.empty((B, n_head, HS), np.float32)
+    for b in range(B):
+        row = qkv[b]
+        for h in range(n_head + n_kv_head):
+            x = row[h * HS:(h + 1) * HS]
+            out = q[b, h] if h < n_head else k_cache[b, h - n_head, pos]
+            if rotate:
+                for i in range(half):
+                    out[i] = x[i] * cos[pos, i] + (-x[i + half]) * sin[pos, i]
+                    out[i + half] = x[i + half] * cos[pos, i + half] + x[i] * sin[pos, i + half]
+            else:
+                for i in range(HS):
+                    out[i] = x[i]
+        for h in range(n_kv_head):
+            x = row[(n_head + n_kv_head + h) * HS:(n_head + n_kv_head + h + 1) * HS]
+            for i in range(HS):
+                v_cache[b, h, pos, i] = x[i]
+    return q
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -365,6 +413,7 @@ matvec_f32 = pick(matvec_f32_numba, matvec_f32_ref)
 matvec_i8 = pick(matvec_i8_numba, matvec_i8_ref)
 matvec_q4 = pick(matvec_q4_numba, matvec_q4_ref)
 attend_one = pick(attend_one_numba, attend_one_ref)
+rope_append = pick(rope_append_numba, rope_append_ref)
 dequantize_i8 = pick(dequantize_i8_numba, dequantize_i8_ref)
 dequantize_q4 = pick(dequantize_q4_numba, dequantize_q4_ref)
 quantize_q8_0 = pick(quantize_q8_0_numba, quantize_q8_0_ref)

@@ -296,14 +296,18 @@ class KVCache:
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store this step's k, v (B, NH, T, HS) after the cached ones; return all of them."""
         start, end = self.length, self.length + k.shape[2]
+        self.reserve(layer, end)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reserve(self, layer: int, end: int) -> None:
+        """Make room for positions up to `end` in `layer`'s arrays (growing them if needed)."""
         if end > self.block_size:
             raise ValueError(f"KV cache holds {self.block_size} positions; {end} requested")
         if end > self.k[layer].shape[2]:
             self.k[layer], self.v[layer] = (self._grown(a, end) for a in (self.k[layer],
                                                                          self.v[layer]))
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def _grown(self, a: np.ndarray, needed: int) -> np.ndarray:
         B, H, capacity, HS = a.shape
