@@ -47,7 +47,7 @@ def supports(model: CausalLM) -> bool:
 def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
     """Logits (B, V) of the token after `idx` (B, 1), the step's keys and values appended to
     `cache` (the caller checked that the position fits the context)."""
-    B, pos = idx.shape[0], cache.length
+    pos = cache.length
     if isinstance(model, GPT):
         x = _rows(model.wte, idx)[:, 0] + _rows(model.wpe, np.arange(pos, pos + 1))   # (B, C)
         for i, block in enumerate(model.h):
