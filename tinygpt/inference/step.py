@@ -27,17 +27,19 @@ from tinygpt import kernels
 from tinygpt.inference.pack import PackedWeight
 from tinygpt.kernels import decode as dk
 from tinygpt.models.gpt import GPT, CausalLM
-from tinygpt.models.nn import Embedding, KVCache, Linear
+from tinygpt.models.nn import Embedding, KVCache, Linear, packed_linear
 
 
 def supports(model: CausalLM) -> bool:
-    """True when `decode` can run this model: a GPT or a Llama in eval mode, every Linear packed,
-    float32, no attention record. (A walk over the modules: ask once per generation.)"""
+    """True when `decode` can run this model: a GPT or a Llama in eval mode, every Linear (and a
+    tied head's embedding) packed, float32, no attention record. (A walk over the modules: ask once per generation.)"""
     from tinygpt.models.llama import Llama
     if model.training or not isinstance(model, (GPT, Llama)):
         return False
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    if not linears or any(m.packed is None for m in linears):
+    tied = model.tied_embedding()
+    if not linears or any(m.packed is None for m in linears) or (tied is not None and
+                                                                 tied.packed is None):
         return False
     attn = [getattr(b, "attn", None) or getattr(b, "self_attn", None) for b in model.blocks()]
     return all(a.record is None for a in attn) and all(
@@ -77,10 +79,7 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
         x = _rms_norm(x, model.model.norm)
     cache.length += 1
     tied = model.tied_embedding()
-    head = tied.packed if tied is not None else model.lm_head.packed
-    if head is None:                                   # a tied head whose table is not packed
-        return x @ tied.weight.data.T
-    return head.matmul(x)
+    return (tied.packed if tied is not None else model.lm_head.packed).matmul(x)
 
 
 def _plan(model: CausalLM) -> list[tuple]:
@@ -119,11 +118,7 @@ def _rows(embedding: Embedding, idx: np.ndarray) -> np.ndarray:
 
 
 def _linear(layer: Linear, x: np.ndarray) -> np.ndarray:
-    """x @ W + b through the packed weight, as `nn.packed_product` computes it."""
-    y = layer.packed.matmul(x.reshape(-1, x.shape[-1]))
-    if layer.bias is not None:
-        y += layer.bias.data
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return packed_linear(layer.packed, x, None if layer.bias is None else layer.bias.data)
 
 
 def _layer_norm(x: np.ndarray, norm) -> np.ndarray:

@@ -163,10 +163,15 @@ def packed_product(packed: Any, x: Tensor, bias: Tensor | None) -> Tensor:
     """x @ W + b through a packed weight's kernel: generation only, so no graph is recorded."""
     if is_grad_enabled() and x.requires_grad:
         raise RuntimeError("a model packed for inference cannot be trained: load it unpacked")
-    y = packed.matmul(x.data.reshape(-1, x.shape[-1]))
+    return Tensor(packed_linear(packed, x.data, None if bias is None else bias.data))
+
+
+def packed_linear(packed: Any, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """The arrays' side of `packed_product`: x (..., I) @ W + b -> (..., O)."""
+    y = packed.matmul(x.reshape(-1, x.shape[-1]))
     if bias is not None:
-        y += bias.data
-    return Tensor(y.reshape(*x.shape[:-1], y.shape[-1]))
+        y += bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _child(obj: Any, part: str, path: str) -> Any:
