@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from tinygpt.kernels.base import FASTMATH, pick
+from tinygpt.kernels.quant import _nibbles_ref      # GGUF's 4-bit order, low nibbles first
 
 GROUP = 32                           # weights per quantization group (GGUF's block size)
 INV_127 = np.float32(1.0 / 127.0)    # Q8_0's step is max |x| * this (a product, in both twins)
@@ -64,10 +65,8 @@ def matvec_q4_ref(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, x: np.ndarra
 
 def dequantize_q4_ref(codes: np.ndarray, d: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """The float32 weights (O, I) of 4-bit codes: w = d * code + mn per group of 32."""
-    O = codes.shape[0]
-    c = codes.reshape(O, -1, GROUP // 2)
-    q = np.concatenate([c & 0x0F, c >> 4], axis=-1).astype(np.float32)       # (O, I/32, 32)
-    return (q * d[:, :, None] + mn[:, :, None]).reshape(O, -1)
+    q = _nibbles_ref(codes.reshape(codes.shape[0], -1, GROUP // 2))          # (O, I/32, 32)
+    return (q * d[:, :, None] + mn[:, :, None]).reshape(codes.shape[0], -1)
 
 
 def attend_one_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int) -> np.ndarray:
@@ -138,8 +137,7 @@ def matvec_q4_q8_ref(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, xq: np.nd
                      xs: np.ndarray, xsum: np.ndarray) -> np.ndarray:
     """Q4_1 codes (as matvec_q4_ref) times Q8_0 activations: w = d code + mn per block."""
     O = codes.shape[0]
-    c = codes.reshape(O, -1, GROUP // 2)
-    unpacked = np.concatenate([c & 0x0F, c >> 4], axis=-1).reshape(O, -1)      # (O, I) 0..15
+    unpacked = _nibbles_ref(codes.reshape(O, -1, GROUP // 2)).reshape(O, -1)    # (O, I) 0..15
     dots = _block_dots_ref(unpacked, xq)                                         # (M, O, I/32)
     y = d[None] * dots + mn[None] * xsum[:, None, :].astype(np.float64)
     return (y * xs[:, None, :]).sum(axis=-1).astype(np.float32)
