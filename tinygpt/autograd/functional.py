@@ -264,23 +264,26 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def multihead_attention(qkv: Tensor, n_head: int, cache=None, layer: int = 0,
                         n_kv_head: int | None = None, rope=None,
-                        record: list | None = None) -> Tensor:
+                        record: list | None = None, ragged=None) -> Tensor:
     """Causal self-attention of `n_head` heads from a fused (B, T, 3C) projection -> (B, T, C).
 
     `cache` is a `tinygpt.models.nn.KVCache` (or anything with its `append(layer, k, v)` and `length`);
     `n_kv_head` < n_head shares key/value heads (grouped-query attention); `rope` = (cos, sin)
     tables rotate q and k (see `fused.rope_tables`); a `record` list gets the softmax
-    probabilities the kernel computed, (B, NH, T, Tk) (attention pictures)."""
+    probabilities the kernel computed, (B, NH, T, Tk) (attention pictures); with a `ragged`
+    layout (`fused.Ragged`) qkv is (M, 3C), the batch's kept positions, and so is the output."""
     return fused.MultiHeadAttention.apply(qkv, n_head, cache, layer, n_kv_head=n_kv_head,
-                                          rope=rope, record=record)
+                                          rope=rope, record=record, ragged=ragged)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, n_head: int, n_kv_head: int | None = None,
-              cache=None, layer: int = 0, rope=None, record: list | None = None) -> Tensor:
+              cache=None, layer: int = 0, rope=None, record: list | None = None,
+              ragged=None) -> Tensor:
     """Causal self-attention on separate projections q: (B, T, NH HS), k, v: (B, T, KV HS),
     as Llama's q_proj, k_proj, v_proj make them -> (B, T, NH HS). Arguments as above."""
     return fused.SelfAttention.apply(q, k, v, n_head=n_head, n_kv_head=n_kv_head or n_head,
-                                     cache=cache, layer=layer, rope=rope, record=record)
+                                     cache=cache, layer=layer, rope=rope, record=record,
+                                     ragged=ragged)
 
 
 # --- Tensor operators ------------------------------------------------------------------------------

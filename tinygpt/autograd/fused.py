@@ -288,6 +288,49 @@ def _merge(y: np.ndarray) -> np.ndarray:
     return y.transpose(0, 2, 1, 3).reshape(B, T, n * HS)
 
 
+class Ragged:
+    """The positions of a right-padded (B, T) batch that a pass computes: row n's first lengths[n].
+
+    Fine-tuning batches are padded to their longest row, and a row's padding after its last
+    scored token changes nothing: attention is causal, so no earlier position sees it. With a
+    `Ragged` the position-wise layers (norms, products, MLP, residual adds) run on the M =
+    sum(lengths) kept positions as one (M, C) matrix, row by row in order; attention pads its
+    inputs back to (B, T, ...) with zeros, attends as usual, and packs its output again.
+
+        index[m] = n T + t for the m-th kept position (row n, position t); row n starts at offsets[n]
+    """
+
+    def __init__(self, lengths: np.ndarray, T: int):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if self.lengths.ndim != 1 or np.any(self.lengths < 0) or np.any(self.lengths > T):
+            raise ValueError(f"ragged lengths must be a 1-D array of values in [0, {T}], got "
+                             f"{np.asarray(lengths).tolist()}")
+        self.shape = (self.lengths.shape[0], int(T))
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.index = np.flatnonzero(np.arange(T)[None, :] < self.lengths[:, None])   # (M,)
+
+    @property
+    def size(self) -> int:
+        return int(self.offsets[-1])
+
+    def pad(self, a: np.ndarray) -> np.ndarray:
+        """(M, W) -> (B, T, W), zeros at the positions not kept."""
+        B, T = self.shape
+        if a.ndim != 2 or a.shape[0] != self.size:
+            raise ValueError(f"ragged: expected ({self.size}, W) rows, got {a.shape}")
+        out = np.zeros((B * T, a.shape[1]), a.dtype)
+        out[self.index] = a
+        return out.reshape(B, T, a.shape[1])
+
+    def pack(self, a: np.ndarray) -> np.ndarray:
+        """(B, T, W) -> (M, W): the kept positions' rows."""
+        return a.reshape(self.shape[0] * self.shape[1], -1)[self.index]
+
+    def rows(self, n: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Where position t of row n is among the M kept rows (t < lengths[n])."""
+        return self.offsets[n] + t
+
+
 def _self_attention(ctx: Context, q, k, v, cache, layer: int, rope, record=None) -> np.ndarray:
     """Heads in, merged output out: RoPE on q and k, append k, v to the cache, share each key/value
     head among n_head / n_kv_head query heads (grouped-query attention), attend causally.
@@ -338,6 +381,13 @@ def _self_attention_backward(ctx: Context, dy: np.ndarray):
     return dq, dk, dv
 
 
+def _no_cache_with(ragged: Ragged | None, cache) -> Ragged | None:
+    if ragged is not None and cache is not None:
+        raise ValueError("attention: a ragged batch is for training and scoring, not with a "
+                         "KV cache")
+    return ragged
+
+
 def _check_heads(op: str, n_head: int, n_kv_head: int, widths: tuple[int, int]) -> None:
     q_width, kv_width = widths
     if n_head <= 0 or n_kv_head <= 0 or n_head % n_kv_head or q_width % n_head \
@@ -360,7 +410,14 @@ class MultiHeadAttention(Function):
 
     @staticmethod
     def forward(ctx: Context, qkv: np.ndarray, n_head: int, cache=None, layer: int = 0,
-                n_kv_head: int | None = None, rope=None, record=None) -> np.ndarray:
+                n_kv_head: int | None = None, rope=None, record=None,
+                ragged: Ragged | None = None) -> np.ndarray:
+        if _no_cache_with(ragged, cache) is not None:
+            y = MultiHeadAttention.forward(ctx, ragged.pad(qkv), n_head, None, layer,
+                                           n_kv_head, rope, record)
+            ctx.ragged = ragged
+            return ragged.pack(y)
+        ctx.ragged = None
         KV = n_kv_head or n_head
         width = qkv.shape[-1] // (n_head + 2 * KV) if qkv.shape[-1] % (n_head + 2 * KV) == 0 else 0
         if not width:
@@ -373,8 +430,10 @@ class MultiHeadAttention(Function):
 
     @staticmethod
     def backward(ctx: Context, dy: np.ndarray) -> tuple:
-        dq, dk, dv = _self_attention_backward(ctx, dy)
-        return np.concatenate([_merge(d) for d in (dq, dk, dv)], axis=-1), None, None, None
+        ragged = ctx.ragged
+        dq, dk, dv = _self_attention_backward(ctx, dy if ragged is None else ragged.pad(dy))
+        dqkv = np.concatenate([_merge(d) for d in (dq, dk, dv)], axis=-1)
+        return (dqkv if ragged is None else ragged.pack(dqkv)), None, None, None
 
 
 class SelfAttention(Function):
@@ -388,7 +447,13 @@ class SelfAttention(Function):
     @staticmethod
     def forward(ctx: Context, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
                 n_kv_head: int, cache=None, layer: int = 0, rope=None,
-                record=None) -> np.ndarray:
+                record=None, ragged: Ragged | None = None) -> np.ndarray:
+        if _no_cache_with(ragged, cache) is not None:
+            y = SelfAttention.forward(ctx, ragged.pad(q), ragged.pad(k), ragged.pad(v), n_head,
+                                      n_kv_head, None, layer, rope, record)
+            ctx.ragged = ragged
+            return ragged.pack(y)
+        ctx.ragged = None
         if q.ndim != 3 or k.shape != v.shape or k.shape[:2] != q.shape[:2]:
             raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} must be (B, T, "
                              "NH * HS), (B, T, KV * HS), (B, T, KV * HS)")
@@ -398,4 +463,6 @@ class SelfAttention(Function):
 
     @staticmethod
     def backward(ctx: Context, dy: np.ndarray) -> tuple:
-        return tuple(_merge(d) for d in _self_attention_backward(ctx, dy))
+        ragged = ctx.ragged
+        grads = _self_attention_backward(ctx, dy if ragged is None else ragged.pad(dy))
+        return tuple(_merge(d) if ragged is None else ragged.pack(_merge(d)) for d in grads)

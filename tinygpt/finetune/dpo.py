@@ -37,7 +37,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tinygpt.autograd import functional as F
+from tinygpt.autograd.fused import Ragged
 from tinygpt.autograd.tensor import Tensor, no_grad
+from tinygpt.models.gpt import kept_lengths
 from tinygpt.text.templates import format_prompt
 
 IGNORE = -100                    # cross_entropy's ignore_index: positions that are not scored
@@ -235,8 +237,11 @@ def model_logprobs(model, ids: np.ndarray, mask: np.ndarray, reduction: str = "m
     if np.any(counts == 0):
         raise ValueError("sequence_logprobs: a row has no masked tokens to score")
     n, t = np.nonzero(scored)                            # row by row, positions in order
-    h = model.hidden(ids)                                                # (N, T, C)
-    h = F.reshape(h, -1, h.shape[-1])[n * ids.shape[1] + t]              # (M, C)
+    # each row's positions after its last scored one (the padding) are not computed
+    lengths = kept_lengths(scored)
+    T = int(lengths.max())
+    h = model.hidden(ids[:, :T], lengths=lengths)                        # (sum lengths, C)
+    h = h[Ragged(lengths, T).rows(n, t)]                                 # (M, C)
     # NOTE: the head as the model's own forward applies it (a LoRA head included)
     head = getattr(model, "logits", None)
     logits = head(h) if head is not None else F.linear(h, model.head_weight())   # (M, V)

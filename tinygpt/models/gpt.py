@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt.autograd import functional as F
+from tinygpt.autograd.fused import Ragged
 from tinygpt.autograd.tensor import Tensor, checkpoint, is_grad_enabled
 from tinygpt.models.nn import (CausalSelfAttention, Dropout, Embedding, KVCache, LayerNorm, Linear, MLP,
                         Module, packed_product)
@@ -90,8 +91,10 @@ class Block(Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg.n_embd, cfg.mlp_width, cfg.n_layer, cfg.dropout, rng)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                ragged: Ragged | None = None) -> Tensor:
+        """x: (B, T, C), or (M, C) with a `ragged` layout (the kept positions of a batch)."""
+        x = x + self.attn(self.ln_1(x), cache, layer, ragged)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -124,21 +127,34 @@ class CausalLM(Module):
         tied = self.tied_embedding()
         return F.transpose(tied.weight) if tied is not None else self.lm_head.weight
 
-    def hidden(self, idx: np.ndarray, cache: KVCache | None = None) -> Tensor:
-        """The residual stream after the final norm: (B, T, C)."""
+    def hidden(self, idx: np.ndarray, cache: KVCache | None = None,
+               lengths: np.ndarray | None = None) -> Tensor:
+        """The residual stream after the final norm: (B, T, C).
+
+        With `lengths` (B,), only each row's first lengths[n] positions are computed (a padded
+        fine-tuning batch, see `fused.Ragged`): the result is (M, C), M = sum(lengths), row n's
+        positions in order from `Ragged(lengths, T).offsets[n]`. Those rows equal the same
+        positions of the (B, T, C) result up to float rounding.
+        """
         idx = check_token_ids(idx, self.config.vocab_size)
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's "
                              f"block_size {self.config.block_size}; crop the context")
+        ragged = None if lengths is None else Ragged(lengths, T)
+        if ragged is not None and cache is not None:
+            raise ValueError("hidden: lengths (a ragged batch) cannot be used with a KV cache")
         x = self.embed(idx, start)                                       # (B, T, C)
+        if ragged is not None:
+            x = F.reshape(x, -1, x.shape[-1])[ragged.index]              # (M, C)
         recompute = self.checkpoint_activations and cache is None and is_grad_enabled()
         for i, block in enumerate(self.blocks()):
             if recompute:
-                x = checkpoint(block, x, rngs=self._dropout_rngs())
+                x = checkpoint(lambda t, block=block: block(t, None, 0, ragged), x,
+                               rngs=self._dropout_rngs())
             else:
-                x = block(x, cache, i)
+                x = block(x, cache, i, ragged)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
@@ -154,18 +170,27 @@ class CausalLM(Module):
         return logits, F.cross_entropy(logits, targets)
 
     def loss(self, idx: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> Tensor:
-        """The mean next-token cross-entropy of `forward(idx, targets)`, with the head run only
-        on rows whose target counts: the head (C x V) is the widest matmul, and fine-tuning
-        batches ignore their padding (and the book's masked prompts). Same value, same gradients."""
-        x = self.hidden(idx)                                             # (B, T, C)
-        t = np.asarray(targets).reshape(-1)
-        if t.shape[0] != x.shape[0] * x.shape[1]:
-            raise ValueError(f"loss: targets {np.shape(targets)} do not fit ids {idx.shape}")
-        rows = np.flatnonzero(t != ignore_index)
-        x = F.reshape(x, -1, x.shape[-1])                               # (B T, C)
-        if rows.size < t.size:
-            x, t = x[rows], t[rows]
-        return F.cross_entropy(self.logits(x), t, ignore_index=ignore_index)
+        """The mean next-token cross-entropy of `forward(idx, targets)`, computing only what it
+        reads: the head (C x V, the widest matmul) runs on the rows whose target counts, and a
+        row's positions after its last counted target (its padding) are not computed at all
+        (`hidden(idx, lengths=...)`). Same value and gradients, up to float rounding."""
+        idx = np.asarray(idx)
+        t = np.asarray(targets)
+        if idx.ndim != 2 or t.size != idx.size:
+            raise ValueError(f"loss: targets {t.shape} do not fit ids {idx.shape}")
+        counted = t.reshape(idx.shape) != ignore_index                  # (B, T)
+        lengths = kept_lengths(counted)
+        if lengths.sum() in (0, idx.size):                               # nothing to skip
+            x = F.reshape(self.hidden(idx), -1, self.config.n_embd)     # (B T, C)
+            rows, t = np.flatnonzero(counted), t.reshape(-1)
+            if 0 < rows.size < t.size:
+                x, t = x[rows], t[rows]
+            return F.cross_entropy(self.logits(x), t, ignore_index=ignore_index)
+        T = int(lengths.max())                       # the columns after every row's last are idle
+        x = self.hidden(idx[:, :T], lengths=lengths)                     # (M, C)
+        n, pos = np.nonzero(counted)
+        x = x[Ragged(lengths, T).rows(n, pos)]                           # (counted, C)
+        return F.cross_entropy(self.logits(x), t.reshape(idx.shape)[n, pos])
 
     def _dropout_rngs(self) -> tuple:
         """The Generator dropout masks are drawn from (the model's own rng), while training."""
@@ -196,6 +221,14 @@ class CausalLM(Module):
         for p in self.parameters():
             p.data = p.data.astype(dtype)
         return self
+
+
+def kept_lengths(scored: np.ndarray) -> np.ndarray:
+    """Per row of a (B, T) mask, 1 + the last position that is True (0 for none): the positions
+    a causal model must compute for that row's scored ones."""
+    scored = np.asarray(scored, dtype=bool)
+    last = scored.shape[1] - np.argmax(scored[:, ::-1], axis=1)
+    return np.where(scored.any(axis=1), last, 0)
 
 
 class GPT(CausalLM):

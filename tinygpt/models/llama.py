@@ -167,10 +167,11 @@ class LlamaAttention(Module):
         self.v_proj = Linear(C, cfg.n_kv_head * HS, rng, bias=False)
         self.o_proj = Linear(cfg.n_head * HS, C, rng, bias=False)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                ragged=None) -> Tensor:
         y = F.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.n_head,
                         self.n_kv_head, cache, layer, rope=self.rotary.tables,
-                        record=self.record)                               # (B, T, NH HS)
+                        record=self.record, ragged=ragged)                # (B, T, NH HS)
         return self.o_proj(y)
 
 
@@ -195,8 +196,9 @@ class LlamaBlock(Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg, rng)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cache, layer)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                ragged=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, layer, ragged)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

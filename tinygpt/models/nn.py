@@ -336,9 +336,10 @@ class CausalSelfAttention(Module):
         self.c_proj = Linear(n_embd, n_embd, rng, std=0.02 / math.sqrt(2 * n_layer))
         self.resid_dropout = Dropout(dropout, rng)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                ragged=None) -> Tensor:
         qkv = self.c_attn(x)                                             # (B, T, 3C)
         # per head h: q, k, v = its HS columns of each third; y_h = softmax(q k^T / sqrt(HS)) v
-        y = F.multihead_attention(qkv, self.n_head, cache, layer,
-                                  record=self.record)                 # (B, T, C), heads merged
+        y = F.multihead_attention(qkv, self.n_head, cache, layer, record=self.record,
+                                  ragged=ragged)                      # (B, T, C), heads merged
         return self.resid_dropout(self.c_proj(y))
