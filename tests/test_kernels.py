@@ -188,21 +188,45 @@ def test_cross_entropy_twins(dtype, R, V, seed, scale, ignore):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(N=st.integers(1, 3), Tq=st.integers(1, 6), extra=st.integers(0, 3),
-       HS=st.integers(1, 5), seed=seeds)
-@example(N=1, Tq=1, extra=0, HS=1, seed=0)
-def test_attention_twins(dtype, N, Tq, extra, HS, seed):
+       HS=st.integers(1, 5), group=st.integers(1, 3), seed=seeds)
+@example(N=1, Tq=1, extra=0, HS=1, group=1, seed=0)
+def test_attention_twins(dtype, N, Tq, extra, HS, group, seed):
     rng = np.random.default_rng(seed)
     Tk = Tq + extra                                           # Tq < Tk: queries after a KV cache
-    q = rng.standard_normal((N, Tq, HS)).astype(dtype)
+    q = rng.standard_normal((N, group * Tq, HS)).astype(dtype)   # G query heads' rows stacked
     k, v = (rng.standard_normal((N, Tk, HS)).astype(dtype) for _ in range(2))
-    dy = rng.standard_normal((N, Tq, HS)).astype(dtype)
+    dy = rng.standard_normal((N, group * Tq, HS)).astype(dtype)
     scale = 1.0 / np.sqrt(HS)
-    y, p = kernels.attention_forward_ref(q, k, v, scale)
-    y_fast, p_fast = kernels.attention_forward_numba(q, k, v, scale)
+    y, p = kernels.attention_forward_ref(q, k, v, scale, group)
+    y_fast, p_fast = kernels.attention_forward_numba(q, k, v, scale, group)
     _assert_twins((y_fast, p_fast), (y, p), dtype)
-    assert np.all(p_fast[:, kernels.causal_mask(Tq, Tk)] == 0)   # masked: exactly zero
-    _assert_twins(kernels.attention_backward_numba(dy, q, k, v, p, scale),
-                  kernels.attention_backward_ref(dy, q, k, v, p, scale), dtype)
+    masked = np.tile(kernels.causal_mask(Tq, Tk), (group, 1))
+    assert np.all(p_fast[:, masked] == 0)                        # masked: exactly zero
+    _assert_twins(kernels.attention_backward_numba(dy, q, k, v, p, scale, group),
+                  kernels.attention_backward_ref(dy, q, k, v, p, scale, group), dtype)
+
+
+@given(N=st.integers(1, 2), Tq=st.integers(1, 4), extra=st.integers(0, 2),
+       group=st.integers(2, 3), seed=seeds)
+def test_grouped_attention_is_attention_on_repeated_keys(N, Tq, extra, group, seed):
+    """G query heads on one key/value head, stacked, equal G heads on G copies of it; the
+    stacked backward sums the copies' key and value gradients."""
+    rng = np.random.default_rng(seed)
+    HS, Tk = 3, Tq + extra
+    q = rng.standard_normal((N, group * Tq, HS))
+    k, v = (rng.standard_normal((N, Tk, HS)) for _ in range(2))
+    dy = rng.standard_normal(q.shape)
+    y, p = kernels.attention_forward_ref(q, k, v, 0.5, group)
+    dq, dk, dv = kernels.attention_backward_ref(dy, q, k, v, p, 0.5, group)
+    heads = lambda a: a.reshape(N * group, -1, HS)               # noqa: E731
+    rep = lambda a: np.repeat(a, group, axis=0)                  # noqa: E731
+    y1, p1 = kernels.attention_forward_ref(heads(q), rep(k), rep(v), 0.5)
+    dq1, dk1, dv1 = kernels.attention_backward_ref(heads(dy), heads(q), rep(k), rep(v), p1, 0.5)
+    np.testing.assert_allclose(y, y1.reshape(y.shape), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dq, dq1.reshape(dq.shape), rtol=1e-12, atol=1e-12)
+    for d, d1 in ((dk, dk1), (dv, dv1)):
+        np.testing.assert_allclose(d, d1.reshape(N, group, Tk, HS).sum(axis=1), rtol=1e-10,
+                                   atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

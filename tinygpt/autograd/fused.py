@@ -190,25 +190,28 @@ class CrossEntropy(Function):
 # Two ops share these helpers: `CausalAttention` (q, k, v already split into heads) and
 # `SelfAttention` (heads split, rotated and merged inside, keys and values cached for generation).
 
-def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, tuple]:
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, group: int = 1
+            ) -> tuple[np.ndarray, tuple]:
     """Causal softmax(q k^T / sqrt(HS)) v and what its backward needs.
 
-    q: (..., Tq, HS), k, v: (..., Tk, HS) -> y: (..., Tq, HS). Query i sees keys j <= i + Tk - Tq
-    (Tk > Tq when earlier keys come from a KV cache).
+    q: (..., G H, Tq, HS), k, v: (..., H, Tk, HS) -> y: (..., G H, Tq, HS). Query i sees keys
+    j <= i + Tk - Tq (Tk > Tq when earlier keys come from a KV cache). Query heads g H .. share
+    key/value head g when `group` G > 1: their rows go to the kernel as one (G Tq, HS) stack.
     """
     lead, (Tq, HS) = q.shape[:-2], q.shape[-2:]
-    q3, k3, v3 = (np.ascontiguousarray(a).reshape(-1, a.shape[-2], HS) for a in (q, k, v))
+    q3 = np.ascontiguousarray(q).reshape(-1, group * Tq, HS)
+    k3, v3 = (np.ascontiguousarray(a).reshape(-1, a.shape[-2], HS) for a in (k, v))
     scale = 1.0 / math.sqrt(HS)
-    y, p = kernels.attention_forward(q3, k3, v3, scale)
-    return y.reshape(*lead, Tq, HS), (q3, k3, v3, p, scale, q.shape, k.shape)
+    y, p = kernels.attention_forward(q3, k3, v3, scale, group)
+    return y.reshape(*lead, Tq, HS), (q3, k3, v3, p, scale, q.shape, k.shape, group)
 
 
 def _attend_backward(saved: tuple, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """P = softmax(S), S = q k^T / sqrt(HS), y = P v:  dv = P^T dy, dP = dy v^T,
     dS = P (dP - rowsum(dP P)) / sqrt(HS), dq = dS k, dk = dS^T q."""
-    q3, k3, v3, p, scale, q_shape, k_shape = saved
+    q3, k3, v3, p, scale, q_shape, k_shape, group = saved
     dy3 = np.ascontiguousarray(dy).reshape(q3.shape)
-    dq, dk, dv = kernels.attention_backward(dy3, q3, k3, v3, p, scale)
+    dq, dk, dv = kernels.attention_backward(dy3, q3, k3, v3, p, scale, group)
     return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(k_shape)
 
 
@@ -356,12 +359,11 @@ def _self_attention(ctx: Context, q, k, v, cache, layer: int, rope, record=None)
             return decode_kernels.attend_one(np.ascontiguousarray(q[:, :, 0]),
                                              cache.k[layer], cache.v[layer],
                                              k.shape[2]).reshape(q.shape[0], 1, NH * q.shape[3])
-    if NH != KV:                                  # query head h reads key/value head h // group
-        k, v = np.repeat(k, NH // KV, axis=1), np.repeat(v, NH // KV, axis=1)
-    y, ctx.attn = _attend(q, k, v)
+    # query head h reads key/value head h // (NH / KV): one product per key/value head
+    y, ctx.attn = _attend(q, k, v, NH // KV)
     if record is not None:
         record.append(ctx.attn[3].reshape(q.shape[0], NH, T, k.shape[2]))   # (B, NH, T, Tk)
-    ctx.cached, ctx.n_kv_head = cache is not None, KV
+    ctx.cached = cache is not None
     return _merge(y)
 
 
@@ -370,11 +372,9 @@ def _self_attention_backward(ctx: Context, dy: np.ndarray):
     if ctx.cached:
         raise RuntimeError("backward through KV-cached attention: the cache is for "
                            "generation; run it under no_grad")
-    B, NH, T, HS = ctx.attn[5]
+    NH = ctx.attn[5][1]                                              # q's (B, NH, T, HS)
+    # a shared key/value head's gradient is summed over its query heads by the kernel's products
     dq, dk, dv = _attend_backward(ctx.attn, _heads(dy, NH))
-    KV = ctx.n_kv_head
-    if NH != KV:                                  # a shared head's gradient sums over its group
-        dk, dv = (d.reshape(B, KV, NH // KV, T, HS).sum(axis=2) for d in (dk, dv))
     if getattr(ctx, "rope", None) is not None:
         cos, sin = ctx.rope
         dq, dk = _rotate(dq, cos, sin, inverse=True), _rotate(dk, cos, sin, inverse=True)

@@ -14,26 +14,32 @@ def causal_mask(Tq: int, Tk: int) -> np.ndarray:
     return np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + (Tk - Tq)
 
 
-def attention_forward_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def attention_forward_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+                          group: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Causal attention.  p = softmax(scale q k^T) with masked entries 0, y = p v.
 
-    q: (N, Tq, HS), k, v: (N, Tk, HS), Tk >= Tq -> y: (N, Tq, HS), p: (N, Tq, Tk)
+    q: (N, G Tq, HS), k, v: (N, Tk, HS), Tk >= Tq -> y: (N, G Tq, HS), p: (N, G Tq, Tk).
+    `group` G > 1 is grouped-query attention: the G query heads that share a key/value head
+    come as one stack of G Tq rows, each block of Tq masked on its own, so one product per
+    key/value head does what G products on repeated keys would.
     """
-    Tq, Tk = q.shape[1], k.shape[1]
-    s = q @ k.swapaxes(-1, -2)                                # (N, Tq, Tk)
+    N, Tk = k.shape[0], k.shape[1]
+    Tq = q.shape[1] // group
+    s = q @ k.swapaxes(-1, -2)                                # (N, G Tq, Tk)
     s *= scale                                                # in place: keeps float32 float32
-    s[:, causal_mask(Tq, Tk)] = -np.inf                     # exp(-inf) = 0 exactly
+    s.reshape(N * group, Tq, Tk)[:, causal_mask(Tq, Tk)] = -np.inf    # exp(-inf) = 0 exactly
     p = softmax_forward_ref(s.reshape(-1, Tk)).reshape(s.shape)
     return p @ v, p
 
 
 def attention_backward_ref(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                           p: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of causal attention.   dy, q: (N, Tq, HS), k, v: (N, Tk, HS), p: (N, Tq, Tk)
+                           p: np.ndarray, scale: float, group: int = 1
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of causal attention.   dy, q: (N, G Tq, HS), k, v: (N, Tk, HS), p: (N, G Tq, Tk)
 
     dv = p^T dy, dp = dy v^T, ds = p * (dp - rowsum(dp * p)) (softmax backward; masked p are 0,
-    so masked ds are 0), then s = scale q k^T gives dq = scale ds k and dk = scale ds^T q.
+    so masked ds are 0), then s = scale q k^T gives dq = scale ds k and dk = scale ds^T q. The
+    products over the G Tq rows sum a shared key/value head's gradient over its query heads.
     """
     dv = p.swapaxes(-1, -2) @ dy                              # (N, Tk, HS)
     dp = dy @ v.swapaxes(-1, -2)                              # (N, Tq, Tk)
@@ -109,27 +115,33 @@ def _transposed(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.swapaxes(-1, -2))
 
 
-def attention_forward_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float
-                            ) -> tuple[np.ndarray, np.ndarray]:
+def attention_forward_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+                            group: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Causal attention: scores by BLAS, masked softmax in numba, then p @ v by BLAS.
 
-    q: (N, Tq, HS), k, v: (N, Tk, HS), Tk >= Tq -> y: (N, Tq, HS), p: (N, Tq, Tk)
+    q: (N, G Tq, HS), k, v: (N, Tk, HS), Tk >= Tq -> y: (N, G Tq, HS), p: (N, G Tq, Tk)
+    (`group` G as in attention_forward_ref)
     """
     # NOTE: a stack of matmuls whose right operand is a transposed view ran ~4x slower than
     # copying k^T first (NumPy 2.4, OpenBLAS: measured 12.8 ms vs 3.0 ms at (72, 120, 64))
-    p = _causal_softmax_rows(q @ _transposed(k), scale)         # (N, Tq, Tk)
+    s = q @ _transposed(k)                                      # (N, G Tq, Tk)
+    N, rows, Tk = s.shape
+    p = _causal_softmax_rows(s.reshape(N * group, rows // group, Tk), scale).reshape(s.shape)
     return p @ v, p
 
 
 def attention_backward_numba(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                             p: np.ndarray, scale: float
+                             p: np.ndarray, scale: float, group: int = 1
                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of causal attention (math in attention_backward_ref).
 
-    dy, q: (N, Tq, HS), k, v: (N, Tk, HS), p: (N, Tq, Tk) -> dq, dk, dv (shapes of q, k, v)
+    dy, q: (N, G Tq, HS), k, v: (N, Tk, HS), p: (N, G Tq, Tk) -> dq, dk, dv (shapes of q, k, v)
     """
+    N, rows, Tk = p.shape
     dv = p.swapaxes(-1, -2) @ dy                                 # (N, Tk, HS)
-    ds = _causal_softmax_backward_rows(p, dy @ _transposed(v), scale)   # (N, Tq, Tk)
+    blocks = (N * group, rows // group, Tk)
+    ds = _causal_softmax_backward_rows(p.reshape(blocks), (dy @ _transposed(v)).reshape(blocks),
+                                       scale).reshape(p.shape)   # (N, G Tq, Tk)
     return ds @ k, ds.swapaxes(-1, -2) @ q, dv
 
 
