@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tinygpt.autograd import functional as F
+from tinygpt.autograd.fused import Ragged
 from tinygpt.autograd.tensor import Tensor, is_grad_enabled, no_grad
 from tinygpt.text.data import DataLoader
 from tinygpt.core.fileio import write_json_atomic
@@ -84,6 +85,11 @@ class Classifier(Module):
             ids, lengths = ids[:, :1], np.minimum(lengths, 1)   # causal: token 0 sees itself
         elif self.token_pos != "last":
             ids = ids[:, :int(lengths.max())]       # later positions cannot change earlier ones
+        if (self.token_pos == "last-real" and lengths.min() < ids.shape[1]
+                and self._frozen_blocks() == 0):
+            # each text's own positions only, not the pads after it (see fused.Ragged)
+            x = self.backbone.hidden(ids, lengths=lengths)               # (sum lengths, C)
+            return self.head(x[Ragged(lengths, ids.shape[1]).rows(np.arange(B), lengths - 1)])
         x = self._hidden(ids, lengths)                                   # (B, T, C)
         if self.token_pos == "last-real":
             h = x[np.arange(B), lengths - 1]                             # (B, C)
