@@ -7,6 +7,7 @@ from tinygpt import GPT, GPTConfig, no_grad
 from tinygpt.inference import step
 from tinygpt.inference.generate import generate
 from tinygpt.inference.pack import pack_for_inference, set_activations
+from tinygpt.kernels import decode as dk
 from tinygpt.models.llama import Llama, LlamaConfig
 
 
@@ -19,20 +20,28 @@ def _models():
             "llama gqa": lambda: Llama(llama, seed=3)}
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("name", list(_models()))
 @pytest.mark.parametrize("weights", ["float32", "int8", "int8x8"])
-def test_a_step_gives_the_logits_of_the_forward_pass_bit_for_bit(name, weights):
+def test_a_step_gives_the_logits_of_the_forward_pass_bit_for_bit(name, weights, batch,
+                                                                  monkeypatch):
+    """One row of float32 weights runs each layer as one compiled call (decode.*_layer_f32);
+    everything else kernel by kernel. Both must be the forward pass, bit for bit."""
     model = pack_for_inference(_models()[name](), None if weights == "float32" else "int8")
     if weights == "int8x8":
         set_activations(model, "int8")
     assert step.supports(model)
-    prompt = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    calls = []
+    for fused in ("gpt2_layer_f32", "llama_layer_f32"):
+        kernel = getattr(dk, fused)
+        monkeypatch.setattr(dk, fused, lambda *a, k=kernel: calls.append(1) or k(*a))
+    prompt = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])[:batch]
     with no_grad():
-        ours, theirs = model.new_cache(2), model.new_cache(2)
+        ours, theirs = model.new_cache(batch), model.new_cache(batch)
         model(prompt, cache=ours)
         model(prompt, cache=theirs)
         for t in range(8):
-            ids = np.array([[11 + t], [40 - t]])
+            ids = np.array([[11 + t], [40 - t]])[:batch]
             want = model(ids, cache=theirs).data[:, -1]
             got = step.decode(model, ids, ours)
             np.testing.assert_array_equal(got, want)
@@ -40,6 +49,8 @@ def test_a_step_gives_the_logits_of_the_forward_pass_bit_for_bit(name, weights):
             for layer in range(2):
                 np.testing.assert_array_equal(ours.k[layer][:, :, :ours.length],
                                               theirs.k[layer][:, :, :theirs.length])
+    one_call = batch == 1 and weights == "float32" and dk.matvec_f32 is dk.matvec_f32_numba
+    assert len(calls) == (8 * 2 if one_call else 0)          # 8 steps of 2 layers
 
 
 def test_models_the_step_cannot_run_take_the_forward_pass():

@@ -83,9 +83,11 @@ def _compare(args, model: str) -> int:
               f"{r['peak_rss_mb'] - r['weights_bytes'] / 2**20:>12.0f}")
     if "float32" in results and "split_ms" in results["float32"]:
         s = results["float32"]["split_ms"]
-        print(f"float32 token: {s['total']:.2f} ms = products {s['products']:.2f} + attention "
-              f"{s['attention']:.2f} + the rest {s['total'] - s['products'] - s['attention']:.2f}"
-              f" (norms, activations, adds, Python dispatch)")
+        print(f"float32 token, kernel by kernel: {s['total']:.2f} ms = products "
+              f"{s['products']:.2f} + attention {s['attention']:.2f} + the rest "
+              f"{s['total'] - s['products'] - s['attention']:.2f}"
+              f" (norms, activations, adds, Python dispatch); one call per layer: "
+              f"{s['one_call']:.2f} ms")
     if "torch" in results:
         theirs = results["torch"]
         for name, r in results.items():
@@ -194,11 +196,23 @@ def _run_tinygpt(args) -> dict:
 
 
 def _split_token(model, prompt: np.ndarray, n: int = 32) -> dict:
-    """ms per decoded token in the matrix products, in attention, and in total."""
+    """ms per decoded token in the matrix products, in attention, and in total, with each layer
+    run kernel by kernel (timers cannot see inside a layer's one compiled call); and the total
+    with one call per layer (`decode.*_layer_f32`), as generation runs it."""
     from tinygpt.kernels import decode as decode_kernels
     from tinygpt.inference import pack as inference
+    from tinygpt.inference import step
     from tinygpt.inference.generate import stream
     spent = {"products": 0.0, "attention": 0.0}
+
+    def token_ms() -> float:
+        it = stream(model, prompt, n + 1)
+        next(it)                                               # the prefill is not counted
+        spent.update(products=0.0, attention=0.0)
+        start = time.perf_counter()
+        for _ in it:
+            pass
+        return 1e3 * (time.perf_counter() - start) / n
 
     def timed(fn, key):
         def run(*a):
@@ -207,20 +221,18 @@ def _split_token(model, prompt: np.ndarray, n: int = 32) -> dict:
             spent[key] += time.perf_counter() - t
             return y
         return run
-    matmul, attend = inference.PackedWeight.matmul, decode_kernels.attend_one
+    matmul, attend, one_call = (inference.PackedWeight.matmul, decode_kernels.attend_one,
+                                step._one_call)
     inference.PackedWeight.matmul = timed(matmul, "products")
     decode_kernels.attend_one = timed(attend, "attention")      # fused.py looks it up per call
+    step._one_call = lambda *a: False
     try:
-        it = stream(model, prompt, n + 1)
-        next(it)                                               # the prefill is not counted
-        spent.update(products=0.0, attention=0.0)
-        start = time.perf_counter()
-        for _ in it:
-            pass
-        total = time.perf_counter() - start
+        total = token_ms()
+        split = {k: 1e3 * v / n for k, v in spent.items()}
     finally:
         inference.PackedWeight.matmul, decode_kernels.attend_one = matmul, attend
-    return {k: 1e3 * v / n for k, v in {**spent, "total": total}.items()}
+        step._one_call = one_call
+    return {**split, "total": total, "one_call": token_ms()}
 
 
 def _perplexity(model, tok, path: str, window: int = 512) -> float:

@@ -13,6 +13,11 @@ logits are bit for bit those of `model(ids, cache=cache)` (tests/test_step.py ch
                                                 h = rms(x);   x += down(silu(gate(h)) * up(h))
     logits = norm_f(x) @ head
 
+With one row of float32 weights each layer is a single compiled call (`decode.gpt2_layer_f32`,
+`decode.llama_layer_f32`) running those same kernels in that order: 1.5-1.7 ms less per token
+than calling them one by one from here, and still bit for bit the forward pass. Other weight
+kinds and batches go kernel by kernel.
+
 Attention is two kernel calls: `rope_append` (RoPE on q and k, the key and value into the
 cache) and `attend_one`. Llama's q, k, v products run as one call on their stacked rows, and so do
 gate and up (`PackedWeight.stacked`): each output row is the same dot product either way.
@@ -53,6 +58,15 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
     if isinstance(model, GPT):
         x = _rows(model.wte, idx)[:, 0] + _rows(model.wpe, np.arange(pos, pos + 1))   # (B, C)
         for i, block in enumerate(model.h):
+            if _one_call(x, block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
+                         block.mlp.c_proj):
+                cache.reserve(i, pos + 1)
+                x = dk.gpt2_layer_f32(x, *_norm(block.ln_1), *_weight(block.attn.c_attn),
+                                      *_weight(block.attn.c_proj), *_norm(block.ln_2),
+                                      *_weight(block.mlp.c_fc), *_weight(block.mlp.c_proj),
+                                      block.ln_1.eps, block.attn.n_head, pos, cache.k[i],
+                                      cache.v[i])
+                continue
             qkv = _linear(block.attn.c_attn, _layer_norm(x, block.ln_1))
             y = _attend(qkv, block.attn.n_head, block.attn.n_head, None, cache, i, pos)
             x = x + _linear(block.attn.c_proj, y)
@@ -63,6 +77,15 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
         x = _rows(model.model.embed_tokens, idx)[:, 0]
         for i, (layer, (qkv_w, gate_up_w)) in enumerate(zip(model.model.layers, _plan(model))):
             att, mlp = layer.self_attn, layer.mlp
+            if _one_call(x, qkv_w, att.o_proj, gate_up_w, mlp.down_proj):
+                cache.reserve(i, pos + 1)
+                x = dk.llama_layer_f32(x, layer.input_layernorm.weight.data, qkv_w.arrays[0],
+                                       att.o_proj.packed.arrays[0],
+                                       layer.post_attention_layernorm.weight.data,
+                                       gate_up_w.arrays[0], mlp.down_proj.packed.arrays[0],
+                                       layer.input_layernorm.eps, att.n_head, att.n_kv_head,
+                                       *att.rotary.tables, pos, cache.k[i], cache.v[i])
+                continue
             h = _rms_norm(x, layer.input_layernorm)
             qkv = qkv_w.matmul(h) if qkv_w is not None else np.concatenate(
                 [_linear(att.q_proj, h), _linear(att.k_proj, h), _linear(att.v_proj, h)], axis=-1)
@@ -109,6 +132,26 @@ def _attend(qkv: np.ndarray, n_head: int, n_kv_head: int, rope, cache: KVCache, 
 
 
 _NO_TABLE = np.zeros((1, 1), np.float32)
+
+
+def _one_call(x: np.ndarray, *weights) -> bool:
+    """Whether a layer runs as one compiled call (`decode.*_layer_f32`): one row, every product
+    float32 (a Linear or a stacked PackedWeight), and the numba kernels on (not the twins)."""
+    if x.shape[0] != 1 or dk.matvec_f32 is not dk.matvec_f32_numba:
+        return False
+    packed = [getattr(w, "packed", w) for w in weights]
+    return all(p is not None and p.kind == "f32" and p.activations == "float32" for p in packed)
+
+
+def _weight(layer: Linear) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 Linear's (O, I) weight and its bias (zeros when it has none: adding 0 keeps
+    every value)."""
+    w = layer.packed.arrays[0]
+    return w, layer.bias.data if layer.bias is not None else np.zeros(w.shape[0], np.float32)
+
+
+def _norm(norm) -> tuple[np.ndarray, np.ndarray]:
+    return norm.weight.data, norm.bias.data
 
 
 def _rows(embedding: Embedding, idx: np.ndarray) -> np.ndarray:
