@@ -381,11 +381,10 @@ def _self_attention_backward(ctx: Context, dy: np.ndarray):
     return dq, dk, dv
 
 
-def _no_cache_with(ragged: Ragged | None, cache) -> Ragged | None:
-    if ragged is not None and cache is not None:
+def _refuse_cache(cache) -> None:
+    if cache is not None:
         raise ValueError("attention: a ragged batch is for training and scoring, not with a "
                          "KV cache")
-    return ragged
 
 
 def _check_heads(op: str, n_head: int, n_kv_head: int, widths: tuple[int, int]) -> None:
@@ -412,7 +411,8 @@ class MultiHeadAttention(Function):
     def forward(ctx: Context, qkv: np.ndarray, n_head: int, cache=None, layer: int = 0,
                 n_kv_head: int | None = None, rope=None, record=None,
                 ragged: Ragged | None = None) -> np.ndarray:
-        if _no_cache_with(ragged, cache) is not None:
+        if ragged is not None:
+            _refuse_cache(cache)
             y = MultiHeadAttention.forward(ctx, ragged.pad(qkv), n_head, None, layer,
                                            n_kv_head, rope, record)
             ctx.ragged = ragged
@@ -448,7 +448,8 @@ class SelfAttention(Function):
     def forward(ctx: Context, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
                 n_kv_head: int, cache=None, layer: int = 0, rope=None,
                 record=None, ragged: Ragged | None = None) -> np.ndarray:
-        if _no_cache_with(ragged, cache) is not None:
+        if ragged is not None:
+            _refuse_cache(cache)
             y = SelfAttention.forward(ctx, ragged.pad(q), ragged.pad(k), ragged.pad(v), n_head,
                                       n_kv_head, None, layer, rope, record)
             ctx.ragged = ragged

@@ -64,8 +64,8 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
                 x = dk.gpt2_layer_f32(x, *_norm(block.ln_1), *_weight(block.attn.c_attn),
                                       *_weight(block.attn.c_proj), *_norm(block.ln_2),
                                       *_weight(block.mlp.c_fc), *_weight(block.mlp.c_proj),
-                                      block.ln_1.eps, block.attn.n_head, pos, cache.k[i],
-                                      cache.v[i])
+                                      block.ln_1.eps, block.ln_2.eps, block.attn.n_head, pos,
+                                      cache.k[i], cache.v[i])
                 continue
             qkv = _linear(block.attn.c_attn, _layer_norm(x, block.ln_1))
             y = _attend(qkv, block.attn.n_head, block.attn.n_head, None, cache, i, pos)
@@ -83,7 +83,8 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
                                        att.o_proj.packed.arrays[0],
                                        layer.post_attention_layernorm.weight.data,
                                        gate_up_w.arrays[0], mlp.down_proj.packed.arrays[0],
-                                       layer.input_layernorm.eps, att.n_head, att.n_kv_head,
+                                       layer.input_layernorm.eps,
+                                       layer.post_attention_layernorm.eps, att.n_head, att.n_kv_head,
                                        *att.rotary.tables, pos, cache.k[i], cache.v[i])
                 continue
             h = _rms_norm(x, layer.input_layernorm)

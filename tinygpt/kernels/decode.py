@@ -460,16 +460,17 @@ def quantize_int8(w_out_in: np.ndarray, group: int | None = None,
 
 @njit(cache=True)
 def llama_layer_f32(x: np.ndarray, norm_in: np.ndarray, qkv_w: np.ndarray, o_w: np.ndarray,
-                    norm_post: np.ndarray, gate_up_w: np.ndarray, down_w: np.ndarray, eps: float,
-                    n_head: int, n_kv_head: int, cos: np.ndarray, sin: np.ndarray, pos: int,
-                    k_cache: np.ndarray, v_cache: np.ndarray) -> np.ndarray:
+                    norm_post: np.ndarray, gate_up_w: np.ndarray, down_w: np.ndarray,
+                    eps_in: float, eps_post: float, n_head: int, n_kv_head: int, cos: np.ndarray,
+                    sin: np.ndarray, pos: int, k_cache: np.ndarray,
+                    v_cache: np.ndarray) -> np.ndarray:
     """x (1, C) -> x after one Llama layer: h = rms(x); x += o(attn(rope(qkv(h))));
     h = rms(x); x += down(silu(gate(h)) * up(h)). q, k, v and gate, up are stacked weights."""
-    h = _rms_norm_serial(x, norm_in, eps)[0]
+    h = _rms_norm_serial(x, norm_in, eps_in)[0]
     q = rope_append_numba(matvec_f32_numba(qkv_w, h), n_head, n_kv_head, cos, sin, pos,
                           k_cache, v_cache, True)
     x = x + matvec_f32_numba(o_w, attend_one_numba(q, k_cache, v_cache, pos + 1).reshape(1, -1))
-    gate_up = matvec_f32_numba(gate_up_w, _rms_norm_serial(x, norm_post, eps)[0])
+    gate_up = matvec_f32_numba(gate_up_w, _rms_norm_serial(x, norm_post, eps_post)[0])
     inner = gate_up.shape[1] // 2
     m = _swiglu_serial(np.ascontiguousarray(gate_up[0, :inner]),
                        np.ascontiguousarray(gate_up[0, inner:]))
@@ -480,17 +481,17 @@ def llama_layer_f32(x: np.ndarray, norm_in: np.ndarray, qkv_w: np.ndarray, o_w: 
 def gpt2_layer_f32(x: np.ndarray, ln1_w: np.ndarray, ln1_b: np.ndarray, attn_w: np.ndarray,
                    attn_b: np.ndarray, proj_w: np.ndarray, proj_b: np.ndarray, ln2_w: np.ndarray,
                    ln2_b: np.ndarray, fc_w: np.ndarray, fc_b: np.ndarray, out_w: np.ndarray,
-                   out_b: np.ndarray, eps: float, n_head: int, pos: int, k_cache: np.ndarray,
-                   v_cache: np.ndarray) -> np.ndarray:
+                   out_b: np.ndarray, eps_1: float, eps_2: float, n_head: int, pos: int,
+                   k_cache: np.ndarray, v_cache: np.ndarray) -> np.ndarray:
     """x (1, C) -> x after one GPT-2 block: x += c_proj(attn(c_attn(ln_1(x))));
     x += mlp.c_proj(gelu(c_fc(ln_2(x)))). Every product adds its bias after the dot products."""
-    qkv = matvec_f32_numba(attn_w, _layer_norm_serial(x, ln1_w, ln1_b, eps)[0])
+    qkv = matvec_f32_numba(attn_w, _layer_norm_serial(x, ln1_w, ln1_b, eps_1)[0])
     qkv += attn_b
     q = rope_append_numba(qkv, n_head, n_head, _NO_ROPE, _NO_ROPE, pos, k_cache, v_cache, False)
     y = matvec_f32_numba(proj_w, attend_one_numba(q, k_cache, v_cache, pos + 1).reshape(1, -1))
     y += proj_b
     x = x + y
-    h = matvec_f32_numba(fc_w, _layer_norm_serial(x, ln2_w, ln2_b, eps)[0])
+    h = matvec_f32_numba(fc_w, _layer_norm_serial(x, ln2_w, ln2_b, eps_2)[0])
     h += fc_b
     y = matvec_f32_numba(out_w, _gelu_serial(h.reshape(-1)).reshape(h.shape))
     y += out_b
