@@ -25,14 +25,15 @@ def _models():
 @pytest.mark.parametrize("weights", ["float32", "int8", "int8x8"])
 def test_a_step_gives_the_logits_of_the_forward_pass_bit_for_bit(name, weights, batch,
                                                                   monkeypatch):
-    """One row of float32 weights runs each layer as one compiled call (decode.*_layer_f32);
-    everything else kernel by kernel. Both must be the forward pass, bit for bit."""
+    """One row runs each layer as one compiled call (decode.gpt2_layer, llama_layer), except
+    with int8 activations; a batch goes kernel by kernel. Both must be the forward pass, bit
+    for bit."""
     model = pack_for_inference(_models()[name](), None if weights == "float32" else "int8")
     if weights == "int8x8":
         set_activations(model, "int8")
     assert step.supports(model)
     calls = []
-    for fused in ("gpt2_layer_f32", "llama_layer_f32"):
+    for fused in ("gpt2_layer", "llama_layer"):
         kernel = getattr(dk, fused)
         monkeypatch.setattr(dk, fused, lambda *a, k=kernel: calls.append(1) or k(*a))
     prompt = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])[:batch]
@@ -49,7 +50,7 @@ def test_a_step_gives_the_logits_of_the_forward_pass_bit_for_bit(name, weights, 
             for layer in range(2):
                 np.testing.assert_array_equal(ours.k[layer][:, :, :ours.length],
                                               theirs.k[layer][:, :, :theirs.length])
-    one_call = batch == 1 and weights == "float32" and dk.matvec_f32 is dk.matvec_f32_numba
+    one_call = batch == 1 and weights != "int8x8" and dk.matvec_f32 is dk.matvec_f32_numba
     assert len(calls) == (8 * 2 if one_call else 0)          # 8 steps of 2 layers
 
 
@@ -86,3 +87,37 @@ def test_llama_projections_run_stacked_without_a_second_copy():
         if not mixed:
             assert qkv.shape == (4 * 8 + 2 * 2 * 8, 32)
             assert np.shares_memory(qkv.arrays[0], att.v_proj.packed.arrays[0])
+
+
+def test_4_bit_layers_in_one_call_give_the_forward_pass_bit_for_bit(monkeypatch):
+    """GGUF's Q4_1 kind (codes, scale and offset per 32) through decode.llama_layer and
+    decode.gpt2_layer, every product 4-bit."""
+    from tinygpt.inference.pack import PackedWeight
+    from tinygpt.models.nn import Linear
+    rng = np.random.default_rng(0)
+    cfg = dict(vocab_size=60, block_size=32, n_layer=2)
+    models = [GPT(GPTConfig(**cfg, n_head=2, n_embd=64, qkv_bias=True), seed=1),
+              Llama(LlamaConfig(**cfg, n_head=4, n_kv_head=2, n_embd=64, n_inner=128), seed=3)]
+    calls = []
+    for fused in ("gpt2_layer", "llama_layer"):
+        kernel = getattr(dk, fused)
+        monkeypatch.setattr(dk, fused, lambda *a, k=kernel: calls.append(1) or k(*a))
+    for model in models:
+        model = pack_for_inference(model)
+        for m in model.modules():
+            if isinstance(m, Linear):
+                O, I = m.packed.shape
+                m.packed = PackedWeight("q4", (
+                    rng.integers(0, 256, (O, I // 2)).astype(np.uint8),
+                    (rng.random((O, I // 32)) * 0.02).astype(np.float32),
+                    (rng.standard_normal((O, I // 32)) * 0.01).astype(np.float32)))
+        before = len(calls)
+        with no_grad():
+            ours, theirs = model.new_cache(1), model.new_cache(1)
+            model(np.array([[1, 2, 3]]), cache=ours)
+            model(np.array([[1, 2, 3]]), cache=theirs)
+            for t in range(4):
+                ids = np.array([[5 + t]])
+                np.testing.assert_array_equal(step.decode(model, ids, ours),
+                                              model(ids, cache=theirs).data[:, -1])
+        assert len(calls) - before == 4 * 2

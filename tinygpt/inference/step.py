@@ -13,10 +13,10 @@ logits are bit for bit those of `model(ids, cache=cache)` (tests/test_step.py ch
                                                 h = rms(x);   x += down(silu(gate(h)) * up(h))
     logits = norm_f(x) @ head
 
-With one row of float32 weights each layer is a single compiled call (`decode.gpt2_layer_f32`,
-`decode.llama_layer_f32`) running those same kernels in that order: 1.5-1.7 ms less per token
-than calling them one by one from here, and still bit for bit the forward pass. Other weight
-kinds and batches go kernel by kernel.
+With one row, each layer is a single compiled call (`decode.gpt2_layer`, `decode.llama_layer`)
+running those same kernels in that order: 1.5-1.7 ms less per float32 token than calling them
+one by one from here, and still bit for bit the forward pass. Batches and int8 activations go
+kernel by kernel.
 
 Attention is two kernel calls: `rope_append` (RoPE on q and k, the key and value into the
 cache) and `attend_one`. Llama's q, k, v products run as one call on their stacked rows, and so do
@@ -61,11 +61,11 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
             if _one_call(x, block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
                          block.mlp.c_proj):
                 cache.reserve(i, pos + 1)
-                x = dk.gpt2_layer_f32(x, *_norm(block.ln_1), *_weight(block.attn.c_attn),
-                                      *_weight(block.attn.c_proj), *_norm(block.ln_2),
-                                      *_weight(block.mlp.c_fc), *_weight(block.mlp.c_proj),
-                                      block.ln_1.eps, block.ln_2.eps, block.attn.n_head, pos,
-                                      cache.k[i], cache.v[i])
+                x = dk.gpt2_layer(x, *_norm(block.ln_1), *_weight(block.attn.c_attn),
+                                  *_weight(block.attn.c_proj), *_norm(block.ln_2),
+                                  *_weight(block.mlp.c_fc), *_weight(block.mlp.c_proj),
+                                  block.ln_1.eps, block.ln_2.eps, block.attn.n_head, pos,
+                                  cache.k[i], cache.v[i])
                 continue
             qkv = _linear(block.attn.c_attn, _layer_norm(x, block.ln_1))
             y = _attend(qkv, block.attn.n_head, block.attn.n_head, None, cache, i, pos)
@@ -79,13 +79,13 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
             att, mlp = layer.self_attn, layer.mlp
             if _one_call(x, qkv_w, att.o_proj, gate_up_w, mlp.down_proj):
                 cache.reserve(i, pos + 1)
-                x = dk.llama_layer_f32(x, layer.input_layernorm.weight.data, qkv_w.arrays[0],
-                                       att.o_proj.packed.arrays[0],
-                                       layer.post_attention_layernorm.weight.data,
-                                       gate_up_w.arrays[0], mlp.down_proj.packed.arrays[0],
-                                       layer.input_layernorm.eps,
-                                       layer.post_attention_layernorm.eps, att.n_head, att.n_kv_head,
-                                       *att.rotary.tables, pos, cache.k[i], cache.v[i])
+                x = dk.llama_layer(x, layer.input_layernorm.weight.data, qkv_w.arrays,
+                                   att.o_proj.packed.arrays,
+                                   layer.post_attention_layernorm.weight.data,
+                                   gate_up_w.arrays, mlp.down_proj.packed.arrays,
+                                   layer.input_layernorm.eps,
+                                   layer.post_attention_layernorm.eps, att.n_head, att.n_kv_head,
+                                   *att.rotary.tables, pos, cache.k[i], cache.v[i])
                 continue
             h = _rms_norm(x, layer.input_layernorm)
             qkv = qkv_w.matmul(h) if qkv_w is not None else np.concatenate(
@@ -136,19 +136,21 @@ _NO_TABLE = np.zeros((1, 1), np.float32)
 
 
 def _one_call(x: np.ndarray, *weights) -> bool:
-    """Whether a layer runs as one compiled call (`decode.*_layer_f32`): one row, every product
-    float32 (a Linear or a stacked PackedWeight), and the numba kernels on (not the twins)."""
+    """Whether a layer runs as one compiled call (`decode.gpt2_layer`, `decode.llama_layer`):
+    one row, every weight packed (a Linear's or a stacked one) with float32 activations, and the
+    numba kernels on (not the twins)."""
     if x.shape[0] != 1 or dk.matvec_f32 is not dk.matvec_f32_numba:
         return False
     packed = [getattr(w, "packed", w) for w in weights]
-    return all(p is not None and p.kind == "f32" and p.activations == "float32" for p in packed)
+    return all(p is not None and p.activations == "float32" for p in packed)
 
 
-def _weight(layer: Linear) -> tuple[np.ndarray, np.ndarray]:
-    """A float32 Linear's (O, I) weight and its bias (zeros when it has none: adding 0 keeps
-    every value)."""
-    w = layer.packed.arrays[0]
-    return w, layer.bias.data if layer.bias is not None else np.zeros(w.shape[0], np.float32)
+def _weight(layer: Linear) -> tuple[tuple, np.ndarray]:
+    """A packed Linear's arrays and its bias (zeros when it has none: adding 0 keeps every
+    value)."""
+    w = layer.packed
+    return w.arrays, layer.bias.data if layer.bias is not None else np.zeros(w.shape[0],
+                                                                             np.float32)
 
 
 def _norm(norm) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from tinygpt.kernels.base import FASTMATH, pick
 from tinygpt.kernels.gelu import gelu_forward_numba
@@ -453,47 +454,65 @@ def quantize_int8(w_out_in: np.ndarray, group: int | None = None,
 
 
 # --- one decoder layer per call -------------------------------------------------------------------
-# A float32 token through a layer is ~10 kernels; called one by one from Python each costs a
-# dispatch (argument typing, a parallel region's wake-up), ~2 ms a token over SmolLM2's 30 layers
-# (measured: 18.7 -> 16.7 ms, Zen 4). These run the same kernels in the same order inside one
-# compiled call, so the result is bit for bit the step's (tests/test_step.py). One row (B = 1).
+# A token through a layer is ~10 kernels; called one by one from Python each costs a dispatch
+# (argument typing, a parallel region's wake-up), ~1.5-2 ms a token over SmolLM2's 30 layers
+# (Zen 4). These run the same kernels in the same order inside one compiled call, so the result
+# is bit for bit the step's (tests/test_step.py). One row (B = 1). A weight is its PackedWeight's
+# `arrays`, and `_product` picks the kernel by their count when the layer compiles.
+
+def _product(w: tuple, x: np.ndarray) -> np.ndarray:
+    """x @ W^T for a packed weight's arrays: (w,) float32, (q, scale) int8, (codes, d, mn) 4-bit,
+    the kernel PackedWeight.matmul runs for one row. Compiled code only (the overload below)."""
+    raise NotImplementedError("_product runs inside compiled layers only")
+
+
+@overload(_product, jit_options={"cache": True})
+def _product_of_kind(w, x):
+    n = len(w.types) if isinstance(w, types.BaseTuple) else 0
+    if n == 1:
+        return lambda w, x: matvec_f32_numba(w[0], x)
+    if n == 2:
+        return lambda w, x: matvec_i8_numba(w[0], w[1], x)
+    if n == 3:
+        return lambda w, x: matvec_q4_numba(w[0], w[1], w[2], x)
+    return None
+
 
 @njit(cache=True)
-def llama_layer_f32(x: np.ndarray, norm_in: np.ndarray, qkv_w: np.ndarray, o_w: np.ndarray,
-                    norm_post: np.ndarray, gate_up_w: np.ndarray, down_w: np.ndarray,
-                    eps_in: float, eps_post: float, n_head: int, n_kv_head: int, cos: np.ndarray,
-                    sin: np.ndarray, pos: int, k_cache: np.ndarray,
-                    v_cache: np.ndarray) -> np.ndarray:
+def llama_layer(x: np.ndarray, norm_in: np.ndarray, qkv_w: tuple, o_w: tuple,
+                norm_post: np.ndarray, gate_up_w: tuple, down_w: tuple, eps_in: float,
+                eps_post: float, n_head: int, n_kv_head: int, cos: np.ndarray, sin: np.ndarray,
+                pos: int, k_cache: np.ndarray, v_cache: np.ndarray) -> np.ndarray:
     """x (1, C) -> x after one Llama layer: h = rms(x); x += o(attn(rope(qkv(h))));
     h = rms(x); x += down(silu(gate(h)) * up(h)). q, k, v and gate, up are stacked weights."""
     h = _rms_norm_serial(x, norm_in, eps_in)[0]
-    q = rope_append_numba(matvec_f32_numba(qkv_w, h), n_head, n_kv_head, cos, sin, pos,
-                          k_cache, v_cache, True)
-    x = x + matvec_f32_numba(o_w, attend_one_numba(q, k_cache, v_cache, pos + 1).reshape(1, -1))
-    gate_up = matvec_f32_numba(gate_up_w, _rms_norm_serial(x, norm_post, eps_post)[0])
+    q = rope_append_numba(_product(qkv_w, h), n_head, n_kv_head, cos, sin, pos, k_cache,
+                          v_cache, True)
+    x = x + _product(o_w, attend_one_numba(q, k_cache, v_cache, pos + 1).reshape(1, -1))
+    gate_up = _product(gate_up_w, _rms_norm_serial(x, norm_post, eps_post)[0])
     inner = gate_up.shape[1] // 2
     m = _swiglu_serial(np.ascontiguousarray(gate_up[0, :inner]),
                        np.ascontiguousarray(gate_up[0, inner:]))
-    return x + matvec_f32_numba(down_w, m.reshape(1, -1))
+    return x + _product(down_w, m.reshape(1, -1))
 
 
 @njit(cache=True)
-def gpt2_layer_f32(x: np.ndarray, ln1_w: np.ndarray, ln1_b: np.ndarray, attn_w: np.ndarray,
-                   attn_b: np.ndarray, proj_w: np.ndarray, proj_b: np.ndarray, ln2_w: np.ndarray,
-                   ln2_b: np.ndarray, fc_w: np.ndarray, fc_b: np.ndarray, out_w: np.ndarray,
-                   out_b: np.ndarray, eps_1: float, eps_2: float, n_head: int, pos: int,
-                   k_cache: np.ndarray, v_cache: np.ndarray) -> np.ndarray:
+def gpt2_layer(x: np.ndarray, ln1_w: np.ndarray, ln1_b: np.ndarray, attn_w: tuple,
+               attn_b: np.ndarray, proj_w: tuple, proj_b: np.ndarray, ln2_w: np.ndarray,
+               ln2_b: np.ndarray, fc_w: tuple, fc_b: np.ndarray, out_w: tuple,
+               out_b: np.ndarray, eps_1: float, eps_2: float, n_head: int, pos: int,
+               k_cache: np.ndarray, v_cache: np.ndarray) -> np.ndarray:
     """x (1, C) -> x after one GPT-2 block: x += c_proj(attn(c_attn(ln_1(x))));
     x += mlp.c_proj(gelu(c_fc(ln_2(x)))). Every product adds its bias after the dot products."""
-    qkv = matvec_f32_numba(attn_w, _layer_norm_serial(x, ln1_w, ln1_b, eps_1)[0])
+    qkv = _product(attn_w, _layer_norm_serial(x, ln1_w, ln1_b, eps_1)[0])
     qkv += attn_b
     q = rope_append_numba(qkv, n_head, n_head, _NO_ROPE, _NO_ROPE, pos, k_cache, v_cache, False)
-    y = matvec_f32_numba(proj_w, attend_one_numba(q, k_cache, v_cache, pos + 1).reshape(1, -1))
+    y = _product(proj_w, attend_one_numba(q, k_cache, v_cache, pos + 1).reshape(1, -1))
     y += proj_b
     x = x + y
-    h = matvec_f32_numba(fc_w, _layer_norm_serial(x, ln2_w, ln2_b, eps_2)[0])
+    h = _product(fc_w, _layer_norm_serial(x, ln2_w, ln2_b, eps_2)[0])
     h += fc_b
-    y = matvec_f32_numba(out_w, _gelu_serial(h.reshape(-1)).reshape(h.shape))
+    y = _product(out_w, _gelu_serial(h.reshape(-1)).reshape(h.shape))
     y += out_b
     return x + y
 
