@@ -8,6 +8,7 @@ from tinygpt.inference import step
 from tinygpt.inference.generate import generate
 from tinygpt.inference.pack import pack_for_inference, set_activations
 from tinygpt.kernels import decode as dk
+from tinygpt.kernels import decode_layers as dl
 from tinygpt.models.llama import Llama, LlamaConfig
 
 
@@ -25,7 +26,7 @@ def _models():
 @pytest.mark.parametrize("weights", ["float32", "int8", "int8x8"])
 def test_a_step_gives_the_logits_of_the_forward_pass_bit_for_bit(name, weights, batch,
                                                                   monkeypatch):
-    """One row runs each layer as one compiled call (decode.gpt2_layer, llama_layer), except
+    """One row runs each layer as one compiled call (decode_layers.gpt2_layer, llama_layer), except
     with int8 activations; a batch goes kernel by kernel. Both must be the forward pass, bit
     for bit."""
     model = pack_for_inference(_models()[name](), None if weights == "float32" else "int8")
@@ -34,8 +35,8 @@ def test_a_step_gives_the_logits_of_the_forward_pass_bit_for_bit(name, weights, 
     assert step.supports(model)
     calls = []
     for fused in ("gpt2_layer", "llama_layer"):
-        kernel = getattr(dk, fused)
-        monkeypatch.setattr(dk, fused, lambda *a, k=kernel: calls.append(1) or k(*a))
+        kernel = getattr(dl, fused)
+        monkeypatch.setattr(dl, fused, lambda *a, k=kernel: calls.append(1) or k(*a))
     prompt = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])[:batch]
     with no_grad():
         ours, theirs = model.new_cache(batch), model.new_cache(batch)
@@ -90,8 +91,8 @@ def test_llama_projections_run_stacked_without_a_second_copy():
 
 
 def test_4_bit_layers_in_one_call_give_the_forward_pass_bit_for_bit(monkeypatch):
-    """GGUF's Q4_1 kind (codes, scale and offset per 32) through decode.llama_layer and
-    decode.gpt2_layer, every product 4-bit."""
+    """GGUF's Q4_1 kind (codes, scale and offset per 32) through decode_layers.llama_layer and
+    gpt2_layer, every product 4-bit."""
     from tinygpt.inference.pack import PackedWeight
     from tinygpt.models.nn import Linear
     rng = np.random.default_rng(0)
@@ -100,8 +101,8 @@ def test_4_bit_layers_in_one_call_give_the_forward_pass_bit_for_bit(monkeypatch)
               Llama(LlamaConfig(**cfg, n_head=4, n_kv_head=2, n_embd=64, n_inner=128), seed=3)]
     calls = []
     for fused in ("gpt2_layer", "llama_layer"):
-        kernel = getattr(dk, fused)
-        monkeypatch.setattr(dk, fused, lambda *a, k=kernel: calls.append(1) or k(*a))
+        kernel = getattr(dl, fused)
+        monkeypatch.setattr(dl, fused, lambda *a, k=kernel: calls.append(1) or k(*a))
     for model in models:
         model = pack_for_inference(model)
         for m in model.modules():

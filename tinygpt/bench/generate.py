@@ -198,7 +198,7 @@ def _run_tinygpt(args) -> dict:
 def _split_token(model, prompt: np.ndarray, n: int = 32) -> dict:
     """ms per decoded token in the matrix products, in attention, and in total, with each layer
     run kernel by kernel (timers cannot see inside a layer's one compiled call); and the total
-    with one call per layer (`decode.gpt2_layer`, `decode.llama_layer`), as generation runs it."""
+    with one call per layer (`decode_layers.gpt2_layer`, `llama_layer`), as generation runs it."""
     from tinygpt.kernels import decode as decode_kernels
     from tinygpt.inference import pack as inference
     from tinygpt.inference import step

@@ -13,7 +13,7 @@ logits are bit for bit those of `model(ids, cache=cache)` (tests/test_step.py ch
                                                 h = rms(x);   x += down(silu(gate(h)) * up(h))
     logits = norm_f(x) @ head
 
-With one row, each layer is a single compiled call (`decode.gpt2_layer`, `decode.llama_layer`)
+With one row, each layer is a single compiled call (`decode_layers.gpt2_layer`, `llama_layer`)
 running those same kernels in that order: 1.5-1.7 ms less per float32 token than calling them
 one by one from here, and still bit for bit the forward pass. Batches and int8 activations go
 kernel by kernel.
@@ -31,6 +31,7 @@ import numpy as np
 from tinygpt import kernels
 from tinygpt.inference.pack import PackedWeight
 from tinygpt.kernels import decode as dk
+from tinygpt.kernels import decode_layers as dl
 from tinygpt.models.gpt import GPT, CausalLM
 from tinygpt.models.nn import Embedding, KVCache, Linear, packed_linear
 
@@ -61,7 +62,7 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
             if _one_call(x, block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
                          block.mlp.c_proj):
                 cache.reserve(i, pos + 1)
-                x = dk.gpt2_layer(x, *_norm(block.ln_1), *_weight(block.attn.c_attn),
+                x = dl.gpt2_layer(x, *_norm(block.ln_1), *_weight(block.attn.c_attn),
                                   *_weight(block.attn.c_proj), *_norm(block.ln_2),
                                   *_weight(block.mlp.c_fc), *_weight(block.mlp.c_proj),
                                   block.ln_1.eps, block.ln_2.eps, block.attn.n_head, pos,
@@ -79,7 +80,7 @@ def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:
             att, mlp = layer.self_attn, layer.mlp
             if _one_call(x, qkv_w, att.o_proj, gate_up_w, mlp.down_proj):
                 cache.reserve(i, pos + 1)
-                x = dk.llama_layer(x, layer.input_layernorm.weight.data, qkv_w.arrays,
+                x = dl.llama_layer(x, layer.input_layernorm.weight.data, qkv_w.arrays,
                                    att.o_proj.packed.arrays,
                                    layer.post_attention_layernorm.weight.data,
                                    gate_up_w.arrays, mlp.down_proj.packed.arrays,
@@ -136,7 +137,7 @@ _NO_TABLE = np.zeros((1, 1), np.float32)
 
 
 def _one_call(x: np.ndarray, *weights) -> bool:
-    """Whether a layer runs as one compiled call (`decode.gpt2_layer`, `decode.llama_layer`):
+    """Whether a layer runs as one compiled call (`decode_layers.gpt2_layer`, `llama_layer`):
     one row, every weight packed (a Linear's or a stacked one) with float32 activations, and the
     numba kernels on (not the twins)."""
     if x.shape[0] != 1 or dk.matvec_f32 is not dk.matvec_f32_numba:

@@ -4,7 +4,8 @@
 exp); `softmax.py`, `norms.py` (LayerNorm, RMSNorm), `gelu.py`, `swiglu.py` (Llama's gate),
 `loss.py` (cross-entropy), `attention.py` (the causal softmax inside attention) and `adamw.py`
 are the training kernels;
-`decode.py` holds the memory-bound loops of generation and `quant.py` GGUF's block formats. They
+`decode.py` holds the memory-bound loops of generation, `decode_layers.py` a whole decoder
+layer of them per call, and `quant.py` GGUF's block formats. They
 know nothing about `Tensor` or autograd: `autograd/fused.py` reshapes its inputs and calls the
 names gathered here.
 
