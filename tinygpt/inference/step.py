@@ -14,9 +14,9 @@ logits are bit for bit those of `model(ids, cache=cache)` (tests/test_step.py ch
     logits = norm_f(x) @ head
 
 With one row, each layer is a single compiled call (`decode_layers.gpt2_layer`, `llama_layer`)
-running those same kernels in that order: 1.5-1.7 ms less per float32 token than calling them
-one by one from here, and still bit for bit the forward pass. Batches and int8 activations go
-kernel by kernel.
+running those same kernels in that order: 1.5-3.3 ms less per float32 token than calling them
+one by one from here (`bench generate`, Zen 4), and still bit for bit the forward pass.
+Batches and int8 activations go kernel by kernel.
 
 Attention is two kernel calls: `rope_append` (RoPE on q and k, the key and value into the
 cache) and `attend_one`. Llama's q, k, v products run as one call on their stacked rows, and so do
