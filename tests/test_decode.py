@@ -175,6 +175,21 @@ def test_int8_activation_kernels_agree_with_twins_and_definition(M, O, blocks, s
     np.testing.assert_array_equal(dk.dequantize_i8_numba(q, scale), dk.dequantize_i8_ref(q, scale))
 
 
+def test_float32_products_agree_for_every_number_of_rows():
+    """PackedWeight.matmul picks the row kernel, W @ x^T on BLAS or x @ W^T on BLAS by the number
+    of rows; each is x @ W^T to float32 rounding, on either side of both switches."""
+    from tinygpt.inference.pack import BLAS_MIN_ROWS, BLAS_TALL_ROWS, PackedWeight
+    rng = _rng(5)
+    w = rng.standard_normal((48, 40)).astype(np.float32)
+    packed = PackedWeight.from_rows(w)
+    for M in (1, BLAS_MIN_ROWS - 1, BLAS_MIN_ROWS, BLAS_TALL_ROWS - 1, BLAS_TALL_ROWS):
+        x = rng.standard_normal((M, 40)).astype(np.float32)
+        y = packed.matmul(x)
+        assert y.shape == (M, 48) and y.dtype == np.float32 and y.flags.c_contiguous
+        np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_int8_activations_agree_between_one_row_and_many():
     """A packed weight with int8 activations gives (to float32 rounding) the same product for a
     row decoded alone (int8 x int8 kernel) as inside a prompt (the rounded row, float kernel)."""

@@ -59,6 +59,12 @@ def test_models_the_step_cannot_run_take_the_forward_pass():
     model = _models()["gpt tied"]()
     assert not step.supports(model)                          # not packed: it may be trained
     packed = pack_for_inference(_models()["gpt tied"]())
+    assert step.supports(packed)
+    assert not step.supports(packed.train())                 # dropout would be on
+    packed.eval().h[1].ln_2.weight.data = packed.h[1].ln_2.weight.data.astype(np.float64)
+    assert not step.supports(packed)                         # the kernels are float32 only
+    packed.h[1].ln_2.weight.data = packed.h[1].ln_2.weight.data.astype(np.float32)
+    assert step.supports(packed)
     packed.h[0].attn.record = []                             # someone is recording attention
     assert not step.supports(packed)
     prompt = np.array([[1, 2, 3]])

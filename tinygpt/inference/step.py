@@ -33,23 +33,27 @@ from tinygpt.inference.pack import PackedWeight
 from tinygpt.kernels import decode as dk
 from tinygpt.kernels import decode_layers as dl
 from tinygpt.models.gpt import GPT, CausalLM
-from tinygpt.models.nn import Embedding, KVCache, Linear, packed_linear
+from tinygpt.models.nn import Embedding, KVCache, Linear, Parameter, packed_linear
 
 
 def supports(model: CausalLM) -> bool:
     """True when `decode` can run this model: a GPT or a Llama in eval mode, every Linear (and a
-    tied head's embedding) packed, float32, no attention record. (A walk over the modules: ask once per generation.)"""
+    tied head's embedding) packed, float32, no attention record. One walk over the modules: ask
+    once per generation."""
     from tinygpt.models.llama import Llama
     if model.training or not isinstance(model, (GPT, Llama)):
         return False
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    tied = model.tied_embedding()
-    if not linears or any(m.packed is None for m in linears) or (tied is not None and
-                                                                 tied.packed is None):
-        return False
-    attn = [getattr(b, "attn", None) or getattr(b, "self_attn", None) for b in model.blocks()]
-    return all(a.record is None for a in attn) and all(
-        p.dtype == np.float32 for p in model.parameters())
+    tied, linears = model.tied_embedding(), 0
+    for m in model.modules():
+        if isinstance(m, Linear):
+            linears += 1
+            if m.packed is None:
+                return False
+        if getattr(m, "record", None) is not None:                 # attention probabilities kept
+            return False
+        if any(isinstance(v, Parameter) and v.dtype != np.float32 for v in vars(m).values()):
+            return False
+    return linears > 0 and (tied is None or tied.packed is not None)
 
 
 def decode(model: CausalLM, idx: np.ndarray, cache: KVCache) -> np.ndarray:

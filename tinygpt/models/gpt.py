@@ -213,7 +213,8 @@ class CausalLM(Module):
 
     def new_cache(self, batch: int = 1) -> KVCache:
         cfg = self.config
-        dtype = np.float32 if not self.parameters() else self.parameters()[0].dtype
+        first = next(self.named_parameters(), None)         # not a list of all: once per reply
+        dtype = np.float32 if first is None else first[1].dtype
         return KVCache(cfg.n_layer, batch, cfg.n_kv_head, cfg.block_size, cfg.head_size, dtype)
 
     def astype(self, dtype) -> CausalLM:
