@@ -128,3 +128,53 @@ def test_4_bit_layers_in_one_call_give_the_forward_pass_bit_for_bit(monkeypatch)
                 np.testing.assert_array_equal(step.decode(model, ids, ours),
                                               model(ids, cache=theirs).data[:, -1])
         assert len(calls) - before == 4 * 2
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8", "4-bit"])
+def test_packed_weights_lie_in_one_buffer_in_reading_order(weights):
+    """`pack.gather`: every packed array is a view of one buffer, weights in the order of the
+    model's attributes, q/k/v and gate/up back to back by array, so stacking them copies nothing;
+    the old arrays are freed, and the model's logits do not change."""
+    import weakref
+
+    from tinygpt.inference.pack import PackedWeight, gather
+    from tinygpt.models.nn import Linear
+    model = pack_for_inference(_models()["llama gqa"](), "int8" if weights == "int8" else None)
+    if weights == "4-bit":                                  # GGUF's Q4_1 kind, from a loader
+        rng = np.random.default_rng(0)
+        for m in model.modules():
+            if isinstance(m, Linear):
+                O, I = m.packed.shape
+                m.packed = PackedWeight("q4", (rng.integers(0, 256, (O, I // 2), dtype=np.uint8),
+                                               rng.random((O, I // 32), dtype=np.float32) / 8,
+                                               -rng.random((O, I // 32), dtype=np.float32)))
+    prompt = np.array([[1, 2, 3, 4]])
+    with no_grad():
+        before = model(prompt).data
+    old = [weakref.ref(a) for m in model.modules() if getattr(m, "packed", None) is not None
+           for a in m.packed.arrays]
+    gather(model)
+    assert all(r() is None for r in old)                   # each copied array was let go
+    with no_grad():
+        np.testing.assert_array_equal(model(prompt).data, before)
+    layer = model.model.layers[1]
+    att, mlp = layer.self_attn, layer.mlp
+    buffer = att.q_proj.packed.arrays[0].base
+    order = [model.model.embed_tokens, att.q_proj, att.k_proj, att.v_proj, att.o_proj,
+             mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    assert all(a.base is buffer and a.flags.c_contiguous for m in model.modules()
+               if getattr(m, "packed", None) is not None for a in m.packed.arrays)
+    firsts = [m.packed.arrays[0].__array_interface__["data"][0] for m in order]
+    assert firsts == sorted(firsts)                        # the order a token reads them
+    for parts in ([att.q_proj, att.k_proj, att.v_proj], [mlp.gate_proj, mlp.up_proj]):
+        whole = PackedWeight.stacked([m.packed for m in parts])
+        assert all(a.base is buffer for a in whole.arrays)  # a view: nothing was copied
+        for j, a in enumerate(whole.arrays):
+            np.testing.assert_array_equal(a, np.concatenate([m.packed.arrays[j] for m in parts]))
+    with no_grad():
+        ours, theirs = model.new_cache(1), model.new_cache(1)
+        model(prompt, cache=ours)
+        model(prompt, cache=theirs)
+        ids = np.array([[7]])
+        np.testing.assert_array_equal(step.decode(model, ids, ours),
+                                      model(ids, cache=theirs).data[:, -1])

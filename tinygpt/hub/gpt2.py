@@ -162,6 +162,9 @@ def load_gpt2(path_or_name: str | os.PathLike, dir: str | os.PathLike = "weights
         from tinygpt.inference.pack import packer
         on_tensor = packer(model, pack)
     load_weights(model, directory / WEIGHTS_FILE, on_tensor)
+    if pack is not None:
+        from tinygpt.inference.pack import gather
+        gather(model)                                   # one buffer, in the order a token reads
     return model.eval()
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygpt.core import runtime
 from tinygpt.core.fileio import write_json_atomic
 from tinygpt.formats.gguf import dequantize, read_gguf
-from tinygpt.inference.pack import pack_for_inference
+from tinygpt.inference.pack import gather, pack_for_inference
 from tinygpt.models.llama import Llama, LlamaConfig
 from tinygpt.models.nn import mismatch_report, shape_mismatches
 from tinygpt.formats.safetensors import load_safetensors, save_safetensors
@@ -104,6 +105,8 @@ def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> Llama:
 def _load_gguf(path: Path, metadata: dict, tensors: dict, keep_quantized: bool = False,
                pack: str | None = None) -> Llama:
     cfg = config_from_gguf({**metadata, "_tensor_names": tuple(tensors)}, str(path))
+    if keep_quantized or pack is not None:
+        runtime.return_freed_memory()      # each tensor read, packed, then `gather`ed leaves at once
     model = Llama(cfg, init=False)
     params = dict(model.named_parameters())
     mapped = {}
@@ -126,7 +129,9 @@ def _load_gguf(path: Path, metadata: dict, tensors: dict, keep_quantized: bool =
         if heads is not None:
             w = _unpermute(w, heads)
         params[ours].data = _to_ours(ours, w)
-    return model.eval() if keep_quantized or pack else model
+    if keep_quantized or pack is not None:
+        return gather(model).eval()                     # one buffer, in the order a token reads
+    return model
 
 
 def _pack_gguf_tensor(model: Llama, name: str, t, heads: int | None, pack: str | None,
