@@ -8,6 +8,7 @@ leaf copies of them to train:
     gpt2_logits(idx, w, cfg, cache=None, pos=0)   the whole GPT, optionally KV-cached
     llama_logits(idx, w, cfg, rope, cache, pos)   the whole Llama (RMSNorm, RoPE, GQA, SwiGLU)
     decode(logits_fn, prompt, n, cfg)             greedy KV-cached decoding, timed per token
+    steps(logits_fn, prompt, n, cfg)              the same tokens, yielded one at a time
 
 Attention is PyTorch's `scaled_dot_product_attention`, its fastest CPU path.
 """
@@ -117,15 +118,22 @@ def llama_logits(idx, w: dict, cfg, rope, cache=None, pos: int = 0, head=None):
 def decode(logits_fn, prompt, n: int, cfg) -> tuple[list[float], list[int]]:
     """Greedy KV-cached decoding of batch 1: (times, tokens), times[0] the start and times[i] the
     moment token i was ready. `logits_fn(idx, cache, pos)` -> (1, T, V)."""
+    times, tokens = [time.perf_counter()], []
+    for token in steps(logits_fn, prompt, n, cfg):
+        times.append(time.perf_counter())
+        tokens.append(token)
+    return times, tokens
+
+
+def steps(logits_fn, prompt, n: int, cfg):
+    """The n greedy tokens of `decode`, yielded one by one (the first one after the prompt)."""
     import torch
     shape = (1, cfg.n_kv_head, min(cfg.block_size, prompt.shape[1] + n), cfg.head_size)
     cache = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.n_layer)]
-    times, tokens, idx, pos = [time.perf_counter()], [], prompt, 0
+    idx, pos = prompt, 0
     with torch.inference_mode():
         for _ in range(n):
             token = int(logits_fn(idx, cache, pos)[0, -1].argmax())
             pos += idx.shape[1]
             idx = torch.tensor([[token]])
-            times.append(time.perf_counter())
-            tokens.append(token)
-    return times, tokens
+            yield token
