@@ -19,8 +19,11 @@ def _rng(seed):
     return np.random.default_rng(seed)
 
 
-@given(M=dims, O=st.integers(1, 40), groups=st.integers(1, 3), seed=st.integers(0, 999))
+@given(M=st.integers(1, 9), O=st.integers(1, 40), groups=st.integers(1, 3),
+       seed=st.integers(0, 999))
 def test_matvec_kernels_agree_with_twins_and_definition(M, O, groups, seed):
+    """Up to 9 rows of x and 40 outputs: the 4-bit prompt kernel's 4 x 4 blocks, the rows of x
+    and the weight rows they leave, and more than one task of 16 weight rows."""
     rng = _rng(seed)
     I = 32 * groups
     x = rng.standard_normal((M, I)).astype(np.float32)

@@ -203,7 +203,55 @@ def matvec_i8_numba(q: np.ndarray, scale: np.ndarray, x: np.ndarray) -> np.ndarr
     return y
 
 
-ROWS_PER_TASK = 16                   # weight rows one prange task decodes into its scratch row
+ROWS_PER_TASK = 16                   # weight rows one prange task decodes into its scratch tile
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dots_4x4(w: np.ndarray, r: int, x: np.ndarray, m: int, y: np.ndarray, o: int) -> None:
+    """y[m + b, o + a] = w[r + a] . x[m + b] for a, b < 4: sixteen dot products in one pass, so
+    each loaded element of a weight row meets four input rows (and each input element four
+    weight rows) while in a register. 1.4x the one-dot-at-a-time loop at 16 rows (Zen 4)."""
+    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+    x0, x1, x2, x3 = x[m], x[m + 1], x[m + 2], x[m + 3]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
+    for i in range(w.shape[1]):
+        p0, p1, p2, p3 = w0[i], w1[i], w2[i], w3[i]
+        q0, q1, q2, q3 = x0[i], x1[i], x2[i], x3[i]
+        a00 += p0 * q0; a01 += p0 * q1; a02 += p0 * q2; a03 += p0 * q3   # noqa: E702
+        a10 += p1 * q0; a11 += p1 * q1; a12 += p1 * q2; a13 += p1 * q3   # noqa: E702
+        a20 += p2 * q0; a21 += p2 * q1; a22 += p2 * q2; a23 += p2 * q3   # noqa: E702
+        a30 += p3 * q0; a31 += p3 * q1; a32 += p3 * q2; a33 += p3 * q3   # noqa: E702
+    y[m, o], y[m + 1, o], y[m + 2, o], y[m + 3, o] = a00, a01, a02, a03
+    y[m, o + 1], y[m + 1, o + 1], y[m + 2, o + 1], y[m + 3, o + 1] = a10, a11, a12, a13
+    y[m, o + 2], y[m + 1, o + 2], y[m + 2, o + 2], y[m + 3, o + 2] = a20, a21, a22, a23
+    y[m, o + 3], y[m + 1, o + 3], y[m + 2, o + 3], y[m + 3, o + 3] = a30, a31, a32, a33
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _matvec_q4_rows(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A prompt's product: each task decodes ROWS_PER_TASK weight rows once into a float32 tile,
+    then multiplies the tile by every row of x, four by four (`_dots_4x4`), the edges one by one."""
+    O = d.shape[0]
+    M, I = x.shape
+    y = np.empty((M, O), np.float32)
+    for task in prange((O + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        w = np.empty((ROWS_PER_TASK, I), np.float32)
+        o0 = task * ROWS_PER_TASK
+        n = min(O, o0 + ROWS_PER_TASK) - o0
+        for r in range(n):
+            _decode_q4_row(codes[o0 + r], d[o0 + r], mn[o0 + r], w[r])
+        n4, M4 = n - n % 4, M - M % 4                  # what the 4 x 4 blocks cover
+        for r in range(0, n4, 4):
+            for m in range(0, M4, 4):
+                _dots_4x4(w, r, x, m, y, o0 + r)
+        for a in range(n4):                            # the last rows of x
+            for m in range(M4, M):
+                y[m, o0 + a] = _dot(w[a], x[m])
+        for a in range(n4, n):                         # the last weight rows, every row of x
+            for m in range(M):
+                y[m, o0 + a] = _dot(w[a], x[m])
+    return y
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -231,20 +279,6 @@ def matvec_q4_numba(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, x: np.ndar
                     xs += x_lo + x_hi
                 total += d_o[g] * acc + mn_o[g] * xs
             y[m, o] = total
-    return y
-
-
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _matvec_q4_rows(codes: np.ndarray, d: np.ndarray, mn: np.ndarray, x: np.ndarray) -> np.ndarray:
-    O = d.shape[0]
-    M, I = x.shape
-    y = np.empty((M, O), np.float32)
-    for task in prange((O + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        w = np.empty(I, np.float32)                  # one decoded weight row, reused
-        for o in range(task * ROWS_PER_TASK, min(O, (task + 1) * ROWS_PER_TASK)):
-            _decode_q4_row(codes[o], d[o], mn[o], w)
-            for m in range(M):
-                y[m, o] = _dot(w, x[m])
     return y
 
 
