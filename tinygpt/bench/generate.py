@@ -86,11 +86,10 @@ def _compare(args, model: str) -> int:
               f"{r['peak_rss_mb'] - r['weights_bytes'] / 2**20:>12.0f}")
     if "float32" in results and "split_ms" in results["float32"]:
         s = results["float32"]["split_ms"]
-        print(f"float32 token, kernel by kernel: {s['total']:.2f} ms = products "
-              f"{s['products']:.2f} + attention {s['attention']:.2f} + the rest "
-              f"{s['total'] - s['products'] - s['attention']:.2f}"
-              f" (norms, activations, adds, Python dispatch); one call per layer: "
-              f"{s['one_call']:.2f} ms")
+        print(f"float32 token (fastest of 3 turns each), kernel by kernel: {s['total']:.2f} ms = "
+              f"products {s['products']:.2f} + attention {s['attention']:.2f} + the rest "
+              f"{s['total'] - s['products'] - s['attention']:.2f} (norms, activations, adds, "
+              f"Python dispatch); one call per layer: {s['one_call']:.2f} ms")
     if "torch" in results:
         theirs = results["torch"]
         for name, r in results.items():
@@ -226,10 +225,11 @@ def _run_tinygpt(args) -> dict:
     return out
 
 
-def _split_token(model, prompt: np.ndarray, n: int = 32) -> dict:
+def _split_token(model, prompt: np.ndarray, n: int = 32, rounds: int = 3) -> dict:
     """ms per decoded token in the matrix products, in attention, and in total, with each layer
     run kernel by kernel (timers cannot see inside a layer's one compiled call); and the total
-    with one call per layer (`decode_layers.gpt2_layer`, `llama_layer`), as generation runs it."""
+    with one call per layer (`decode_layers.gpt2_layer`, `llama_layer`), as generation runs it.
+    The two ways take turns `rounds` times, and each keeps its fastest round."""
     from tinygpt.kernels import decode as decode_kernels
     from tinygpt.inference import pack as inference
     from tinygpt.inference import step
@@ -252,18 +252,22 @@ def _split_token(model, prompt: np.ndarray, n: int = 32) -> dict:
             spent[key] += time.perf_counter() - t
             return y
         return run
-    matmul, attend, one_call = (inference.PackedWeight.matmul, decode_kernels.attend_one,
-                                step._one_call)
-    inference.PackedWeight.matmul = timed(matmul, "products")
-    decode_kernels.attend_one = timed(attend, "attention")      # fused.py looks it up per call
-    step._one_call = lambda *a: False
-    try:
-        total = token_ms()
-        split = {k: 1e3 * v / n for k, v in spent.items()}
-    finally:
-        inference.PackedWeight.matmul, decode_kernels.attend_one = matmul, attend
-        step._one_call = one_call
-    return {**split, "total": total, "one_call": token_ms()}
+
+    def kernel_by_kernel() -> dict:
+        matmul, attend, one_call = (inference.PackedWeight.matmul, decode_kernels.attend_one,
+                                    step._one_call)
+        inference.PackedWeight.matmul = timed(matmul, "products")
+        decode_kernels.attend_one = timed(attend, "attention")  # fused.py looks it up per call
+        step._one_call = lambda *a: False
+        try:
+            total = token_ms()
+        finally:
+            inference.PackedWeight.matmul, decode_kernels.attend_one = matmul, attend
+            step._one_call = one_call
+        return {**{k: 1e3 * v / n for k, v in spent.items()}, "total": total}
+    runs = [(kernel_by_kernel(), token_ms()) for _ in range(rounds)]
+    best = min((split for split, _ in runs), key=lambda split: split["total"])
+    return {**best, "one_call": min(one for _, one in runs)}
 
 
 def _perplexity(model, tok, path: str, window: int = 512) -> float:
