@@ -55,7 +55,10 @@ def jit_rows(fn):
     serial_fn = types_.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
                                     fn.__defaults__, fn.__closure__)
     serial_fn.__qualname__ = fn.__qualname__ + "_serial"
-    serial = njit(cache=True, fastmath=FASTMATH)(serial_fn)
+    # error_model "numpy", as numba's parallel loops have: x / 0 is inf, not a ZeroDivisionError,
+    # whose check per division kept LLVM from vectorising the loop (GELU of 3072 floats: 16.8 us
+    # serial against 2.7 us parallel before, Zen 4)
+    serial = njit(cache=True, fastmath=FASTMATH, error_model="numpy")(serial_fn)
 
     @functools.wraps(fn)
     def run(*args):
