@@ -32,11 +32,12 @@ from tinygpt import GPT, GPTConfig, kernels
 from tinygpt.text.data import DataLoader, GPTDataset
 from tinygpt.training.train import TrainConfig, train
 
-T, B = 32, 8
+T, B = 64, 8
 assert B * 4 * T * T >= kernels.PARALLEL_MIN_SIZE        # attention rows: (B * heads, T, T)
+assert B * T * 256 >= kernels.PARALLEL_MIN_SIZE          # LayerNorm's rows, GELU's 4x more
 ids = np.random.default_rng(0).integers(0, 40, 4000)
 loader = DataLoader(GPTDataset(ids, T, T), B, shuffle=True, drop_last=True, seed=123)
-model = GPT(GPTConfig(vocab_size=40, block_size=T, n_layer=1, n_head=4, n_embd=128, dropout=0.1),
+model = GPT(GPTConfig(vocab_size=40, block_size=T, n_layer=1, n_head=4, n_embd=256, dropout=0.1),
             seed=123)
 train(model, loader, None, TrainConfig(context_length=T, batch_size=B, max_steps=3, lr=1e-3,
       eval_freq=1000, eval_iter=1, sample_tokens=0), progress=False)

@@ -42,10 +42,12 @@ def pick(fast, ref):
 # with a warm one would differ in the last bit (tests/test_determinism.py).
 FASTMATH = {"contract", "reassoc", "arcp"}
 
-# Starting numba's thread pool costs ~100 us, more than a one-row LayerNorm takes (~6 us): a
-# decoding step calls these kernels on single rows dozens of times. Inputs smaller than this many
-# elements run a serial compile of the same loop.
-PARALLEL_MIN_SIZE = 1 << 15
+# A parallel loop costs a start (~3 us, more than a one-row LayerNorm takes) and, right after a
+# BLAS call, a wait for OpenBLAS's still-spinning thread to give up its core (70-550 us, runtime.py
+# point 1). The serial compile vectorises as well, so it wins up to ~128K elements: GELU of a
+# 16-token GPT-2 prompt's 49K, after c_fc's product, 39 us serial against 88 us or more parallel
+# (Zen 4). Inputs smaller than this many elements run the serial compile of the same loop.
+PARALLEL_MIN_SIZE = 1 << 17
 
 
 def jit_rows(fn):
