@@ -21,7 +21,7 @@ the size of the weights), so the decode speed can be read as achieved weight ban
 splits a float32 token into its matrix products, attention and the rest. `paired` is the same
 fraction with both measured in the same moments (32 pairs of one token and one sum over the
 weights' bytes, median against median): on a shared machine it is the steadier figure. The
-prefill is the fastest of five runs of the prompt (one run varies by 2x here). `--ppl TEXT`
+prefill is the fastest of 15 runs of the prompt (one run varies by 2x here). `--ppl TEXT`
 adds each mode's perplexity of a text. Figures are printed, never asserted.
 """
 from __future__ import annotations
@@ -293,7 +293,7 @@ def _prompt(n: int, vocab: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab, (1, n))
 
 
-def _best_ms(run, repeats: int = 5) -> float:
+def _best_ms(run, repeats: int = 15) -> float:
     """The fastest of `repeats` runs of a prompt's forward pass, in ms (one run is noisy)."""
     best = math.inf
     for _ in range(repeats):
