@@ -381,3 +381,14 @@ def test_data_file_offline_is_one_line_naming_the_file(data_home, monkeypatch):
 def test_resolve_without_download_names_the_command(tmp_path, hf_home):
     with pytest.raises(FileNotFoundError, match="run `tinygpt download gpt2`"):
         resolve_gpt2("gpt2", tmp_path, download=False)
+
+
+def test_the_shared_folder_is_the_one_beside_the_checkout(monkeypatch):
+    """Data files are looked up in ../shared next to the repository (or $TINYGPT_SHARED): the
+    folder the tests use, whatever package folder download.py sits in."""
+    monkeypatch.delenv("TINYGPT_SHARED", raising=False)
+    checkout = Path(__file__).resolve().parents[1]
+    assert dl.shared_dir() == checkout.parent / "shared"
+    assert dl.shared_data_dir() == checkout.parent / "shared" / "data"
+    monkeypatch.setenv("TINYGPT_SHARED", "/somewhere/else")
+    assert dl.shared_data_dir() == Path("/somewhere/else/data")

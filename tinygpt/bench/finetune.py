@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygpt.hub.download import shared_dir
+
 CASES = ("instruct-lora", "instruct-full", "dpo", "classifier")
 MODELS = ("smollm2", "gpt2")
 ENGINES = ("tinygpt", "torch")
@@ -44,17 +45,13 @@ B, CLS_T, RANK, ALPHA, LR, DECAY, BETA = 8, 120, 16, 16.0, 5e-5, 0.1, 0.1
 CHECKPOINT_AUTO = ("dpo", "instruct-lora")
 
 
-def _shared() -> Path:
-    return Path(os.environ.get("TINYGPT_SHARED", Path(__file__).resolve().parents[3] / "shared"))
-
-
 def _gguf() -> Path:
-    return _shared() / "fixtures" / "smollm2-135m-instruct" / "model.gguf"
+    return shared_dir() / "fixtures" / "smollm2-135m-instruct" / "model.gguf"
 
 
 def _tokenizer():
     from tinygpt.text.hf_tokenizer import HFTokenizer
-    path = _shared() / "fixtures" / "smollm2-135m-instruct" / "tokenizer" / "tokenizer.json"
+    path = shared_dir() / "fixtures" / "smollm2-135m-instruct" / "tokenizer" / "tokenizer.json"
     return HFTokenizer.from_tokenizer_json(path)
 
 
@@ -80,14 +77,14 @@ def _peak_mb() -> float:
 
 def instruct_batch() -> tuple[np.ndarray, np.ndarray]:
     from tinygpt.finetune.instruct import InstructionDataset, read_instruction_data
-    entries = read_instruction_data(_shared() / "data" / "instruction-data.json")[:B]
+    entries = read_instruction_data(shared_dir() / "data" / "instruction-data.json")[:B]
     data = InstructionDataset(entries, _tokenizer(), template="chatml")
     return data.batch(np.arange(B))
 
 
 def dpo_batch():
     from tinygpt.finetune.dpo import PreferenceDataset, read_preference_data
-    entries = read_preference_data(_shared() / "data" / "instruction-data-with-preference.json")
+    entries = read_preference_data(shared_dir() / "data" / "instruction-data-with-preference.json")
     return PreferenceDataset(entries[:B], _tokenizer(), template="chatml")
 
 

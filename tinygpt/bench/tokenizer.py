@@ -11,10 +11,11 @@ import argparse
 import time
 from pathlib import Path
 
+from tinygpt.hub.download import shared_data_dir
 from tinygpt.text.bpe import BPETokenizer
 from tinygpt.text.tokenizer import GPT2Tokenizer
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_DATA = shared_data_dir() / "tinyshakespeare.txt"
 
 
 def _time_encode(fn, text: str, repeat: int) -> tuple[float, float, list[int]]:

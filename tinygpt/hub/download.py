@@ -155,11 +155,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TINYGPT_CACHE") or Path.home() / ".cache" / "tinygpt")
 
 
+def shared_dir() -> Path:
+    """../shared beside this checkout (`$TINYGPT_SHARED` if set), where our own machines keep
+    the data files and fixtures. This file is <checkout>/tinygpt/hub/download.py."""
+    return Path(os.environ.get("TINYGPT_SHARED") or
+                Path(__file__).resolve().parents[3] / "shared")
+
+
 def shared_data_dir() -> Path:
-    """../shared/data beside this checkout (`$TINYGPT_SHARED/data` if set), where our own
-    machines keep the data files."""
-    default = Path(__file__).resolve().parents[2] / "shared"
-    return Path(os.environ.get("TINYGPT_SHARED") or default) / "data"
+    """`shared_dir()`/data."""
+    return shared_dir() / "data"
 
 
 def data_file(name: str, *, progress: bool = True, timeout: float = 30.0,
