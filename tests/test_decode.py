@@ -228,3 +228,27 @@ def test_rope_append_twins_agree_bit_for_bit(B, KV, group, pos, rotate, seed):
         want_q = _rotate(want_q, cos[pos:pos + 1], sin[pos:pos + 1])
     np.testing.assert_array_equal(q[0], want_q[:, :, 0])
     np.testing.assert_array_equal(caches[0][1][:, :, pos].reshape(B, -1), qkv[:, (NH + KV) * HS:])
+
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_1", "Q4_0"])
+def test_gguf_blocks_kept_quantized_decode_to_the_files_weights(ggml_type):
+    """PackedWeight.from_gguf keeps Q8_0 as int8 rows and Q4_1 and Q4_0 as 4-bit codes with a
+    scale and offset per 32 (Q4_0's d (code - 8) as offset -8 d): the packed weights are exactly
+    what formats.gguf.dequantize reads from the same bytes, and their products agree with it."""
+    from tinygpt.formats.gguf import GGUFTensor, dequantize
+    from tinygpt.inference.pack import PackedWeight
+    rng = _rng(7)
+    O, I = 5, 96
+    scales = {"Q8_0": 1, "Q4_1": 2, "Q4_0": 1}[ggml_type]            # f16 values per block
+    codes = {"Q8_0": 32, "Q4_1": 16, "Q4_0": 16}[ggml_type]          # bytes of codes per block
+    heads = (rng.standard_normal((O * I // 32, scales)) * 0.05).astype(np.float16).view(np.uint8)
+    body = rng.integers(0, 256, (O * I // 32, codes), dtype=np.uint8)
+    data = np.concatenate([heads.reshape(O * I // 32, -1), body], axis=1).reshape(-1)
+    tensor = GGUFTensor("w", ggml_type, (O, I), 0, data)
+    packed = PackedWeight.from_gguf(tensor)
+    assert packed.kind == ("i8" if ggml_type == "Q8_0" else "q4") and packed.shape == (O, I)
+    np.testing.assert_array_equal(packed.dense(), dequantize(tensor))
+    x = rng.standard_normal((3, I)).astype(np.float32)
+    for rows in (x[:1], x):
+        np.testing.assert_allclose(packed.matmul(rows), rows @ dequantize(tensor).T,
+                                   rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@ packed embedding. The packed model generates (`generate`, `chat`, `serve`) but c
 its Linears have no `weight` Parameter any more.
 
 `PackedWeight.from_gguf` keeps a GGUF file's Q8_0 blocks as int8 with a scale per 32 weights and
-its Q4_1 blocks as 4-bit codes with a scale and offset per 32, instead of 540 MB of float32.
+its Q4_1 (and Q4_0) blocks as 4-bit codes with a scale and offset per 32, instead of 540 MB of
+float32.
 
     python -m tinygpt.bench generate --quantize int8
 """
@@ -64,7 +65,7 @@ class PackedWeight:
 
     @classmethod
     def from_gguf(cls, tensor) -> PackedWeight:
-        """Keep Q8_0 and Q4_1 blocks quantized (repacked once); other types become float32."""
+        """Keep Q8_0, Q4_1 and Q4_0 blocks quantized (repacked once); other types become float32."""
         from tinygpt.formats.gguf import dequantize
         O, I = tensor.shape
         if tensor.ggml_type == "Q8_0":
@@ -78,6 +79,11 @@ class PackedWeight:
             codes = np.ascontiguousarray(blocks[:, :, 4:]).reshape(O, I // 2)
             return cls("q4", (codes, np.ascontiguousarray(dm[:, :, 0]),
                               np.ascontiguousarray(dm[:, :, 1])))
+        if tensor.ggml_type == "Q4_0":        # d (code - 8) = d code + mn with mn = -8 d, exactly
+            blocks = np.asarray(tensor.data).reshape(O, I // dk.GROUP, 18)
+            d = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+            codes = np.ascontiguousarray(blocks[:, :, 2:]).reshape(O, I // 2)
+            return cls("q4", (codes, d, np.float32(-8.0) * d))
         return cls("f32", (np.ascontiguousarray(dequantize(tensor), dtype=np.float32),))
 
     @staticmethod
