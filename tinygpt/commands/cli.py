@@ -98,7 +98,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context per token")
     p.add_argument("--quantize", choices=("none", "int8", "gguf"), default="none",
                    help="weights for decoding: float32 rows (none, default), int8 with a scale per "
-                   "row, or a .gguf file's own Q8_0/Q4_1 blocks kept quantized (gguf)")
+                   "row, or a .gguf file's own Q8_0/Q4_1/Q4_0 blocks kept quantized (gguf)")
     p.add_argument("--random-init", action="store_true",
                    help="--model names a preset; use random weights (no files needed)")
     p.add_argument("--verbose", action="store_true", help="load time and tokens/s on stderr")

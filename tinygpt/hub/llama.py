@@ -96,7 +96,7 @@ def _gguf_name(name: str) -> str | None:
 
 def load_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> Llama:
     """A Llama with the weights of a GGUF file, each dequantized to float32 once; or, with
-    `keep_quantized`, packed for generation (`inference.PackedWeight.from_gguf`: Q8_0 and Q4_1
+    `keep_quantized`, packed for generation (`inference.PackedWeight.from_gguf`: Q8_0, Q4_1 and Q4_0
     blocks stay quantized), a model that generates but does not train."""
     path = Path(path)
     return _load_gguf(path, *read_gguf(path), keep_quantized=keep_quantized)
@@ -106,7 +106,7 @@ def _load_gguf(path: Path, metadata: dict, tensors: dict, keep_quantized: bool =
                pack: str | None = None) -> Llama:
     cfg = config_from_gguf({**metadata, "_tensor_names": tuple(tensors)}, str(path))
     if keep_quantized or pack is not None:
-        runtime.return_freed_memory()      # each tensor read, packed, then `gather`ed leaves at once
+        runtime.return_freed_memory()      # each tensor read, packed, gathered leaves at once
     model = Llama(cfg, init=False)
     params = dict(model.named_parameters())
     mapped = {}
