@@ -173,8 +173,10 @@ def gather(model: Module) -> Module:
     of its pages. NumPy asks Linux for 2 MB pages only for arrays of 4 MB or more; SmolLM2's
     matrices are 0.4-3.5 MB, so they sat on 4 KB pages, and one pass over them ran at 82 % of a
     plain sum's bandwidth against 96 % from one buffer (538 MB, Zen 4, same run). Each old array
-    is freed as soon as it is copied, so the peak is the buffer plus one array."""
-    runtime.return_freed_memory()                   # so each copied array leaves at once
+    is freed as soon as it is copied, so the peak is the buffer plus one array (given that the
+    arrays were allocated after `runtime.return_freed_memory`, as the loaders and
+    `pack_for_inference` see to)."""
+    model.decode_plan = None                # stacked weights (inference/step.py) are rebuilt
     runs: list[list[tuple[PackedWeight, int]]] = []      # arrays back to back: (weight, which)
     for group in _reading_order(model):
         if PackedWeight.stackable(group):             # column j of every part, in turn
@@ -194,7 +196,6 @@ def gather(model: Module) -> Module:
         view = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
         view[...] = a
         p.arrays = p.arrays[:j] + (view,) + p.arrays[j + 1:]     # the old array is freed here
-    model.decode_plan = None                # stacked weights (inference/step.py) are rebuilt
     return model
 
 
@@ -291,6 +292,7 @@ def packer(model: Module, pack: str):
 def pack_for_inference(model: Module, quantize: str | None = None) -> Module:
     """Pack every Linear and Embedding weight of `model` in place (see the module docstring).
     Returns the model, in eval mode."""
+    runtime.return_freed_memory()       # so `gather` gives each packed array back as it goes
     for module in model.modules():
         if isinstance(module, (Linear, Embedding)):
             pack_module(module, quantize)
