@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinygpt.hub.download import shared_dir
+from tinygpt.hub.download import shared_data_dir, shared_dir
 
 CASES = ("instruct-lora", "instruct-full", "dpo", "classifier")
 MODELS = ("smollm2", "gpt2")
@@ -77,14 +77,14 @@ def _peak_mb() -> float:
 
 def instruct_batch() -> tuple[np.ndarray, np.ndarray]:
     from tinygpt.finetune.instruct import InstructionDataset, read_instruction_data
-    entries = read_instruction_data(shared_dir() / "data" / "instruction-data.json")[:B]
+    entries = read_instruction_data(shared_data_dir() / "instruction-data.json")[:B]
     data = InstructionDataset(entries, _tokenizer(), template="chatml")
     return data.batch(np.arange(B))
 
 
 def dpo_batch():
     from tinygpt.finetune.dpo import PreferenceDataset, read_preference_data
-    entries = read_preference_data(shared_dir() / "data" / "instruction-data-with-preference.json")
+    entries = read_preference_data(shared_data_dir() / "instruction-data-with-preference.json")
     return PreferenceDataset(entries[:B], _tokenizer(), template="chatml")
 
 

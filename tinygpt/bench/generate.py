@@ -215,9 +215,9 @@ def _run_tinygpt(args) -> dict:
     out = _figures(load_s, times, tokens, weights)
     out["prefill_ms"] = _best_ms(lambda: next(stream(model, prompt, 1)))
     out["stream_gbs"] = _stream_gbs(max(weights, 1 << 28))
-    tokens = stream(model, prompt, 34)
-    next(tokens)                                           # the prefill is not paired
-    out["paired"] = _paired(lambda: next(tokens), weights)
+    steps = stream(model, prompt, 34)
+    next(steps)                                            # the prefill is not paired
+    out["paired"] = _paired(lambda: next(steps), weights)
     if args.child == "float32":
         out["split_ms"] = _split_token(model, prompt)
     if args.ppl:
@@ -336,9 +336,9 @@ def _run_torch(args) -> dict:
     out = _figures(load_s, times, tokens, sum(p.data.nbytes for p in model.parameters()))
     out["prefill_ms"] = _best_ms(lambda: ref.decode(fn, prompt, 1, cfg))
     out["stream_gbs"] = math.nan
-    tokens = ref.steps(fn, prompt, 34, cfg)
-    next(tokens)
-    out["paired"] = _paired(lambda: next(tokens), out["weights_bytes"])
+    steps = ref.steps(fn, prompt, 34, cfg)
+    next(steps)                                            # the prefill is not paired
+    out["paired"] = _paired(lambda: next(steps), out["weights_bytes"])
     return out
 
 
